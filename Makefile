@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test lint typecheck unit demo demo-threads bench soak server clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (found " + sys.version.split()[0] + "); run: make PYTHON=python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check broker tests examples benchmarks
+	$(BIN)/ruff format --check broker tests examples benchmarks
+
+typecheck: install
+	$(BIN)/mypy --strict broker
+
+unit: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+demo: install
+	$(BIN)/python examples/threads_demo.py
+
+demo-threads: install
+	$(BIN)/python examples/threads_demo.py
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+soak: install
+	$(BIN)/python -m tests.soak
+
+server: install
+	$(BIN)/python -m broker.testing.server
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,286 @@
+"""The process-wide broker: one actor, and so one pool, per event loop.
+
+A :class:`Broker` can be built anywhere, with or without a running loop, and
+used from any thread. The first borrow inside a loop starts that loop's
+actor; later borrows in the same loop go to the same actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import os
+import threading
+import weakref
+from typing import Any
+
+import neo4j
+
+from broker import log
+from broker.actor import Actor, DriverFactory
+from broker.config import Neo4jConnectionConfig
+from broker.connection import Connection
+from broker.errors import BrokerError
+from broker.messages import Shutdown, StatsRequest
+from broker.registry import LoopRegistry, loop_key
+from broker.workspace import check_workspace, prepare_workspace
+
+__all__ = ["Broker", "default_driver_factory"]
+
+_COUNTERS = ("borrows", "timeouts", "cancellations", "created", "closed", "discarded", "errors")
+
+
+def default_driver_factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+    """A new, not yet connected, official async driver for ``config``."""
+    return neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+
+
+class Broker:
+    """Hands out pooled async Neo4j drivers, one pool per event loop.
+
+    ``driver_factory`` replaces how a driver is made (tests use it to put a
+    fault proxy in between, or a fake driver in unit tests).
+    """
+
+    def __init__(
+        self,
+        config: Neo4jConnectionConfig | None = None,
+        *,
+        driver_factory: DriverFactory | None = None,
+    ) -> None:
+        self.config = config if config is not None else Neo4jConnectionConfig.from_env()
+        self._factory = driver_factory or default_driver_factory
+        self._registry = LoopRegistry()
+        self._prepared: dict[str, str] = {}
+        self._retired = dict.fromkeys(_COUNTERS, 0)
+        self._retired_lock = threading.Lock()
+        preparer = self.config.database_preparer
+        self._preparer = preparer or functools.partial(
+            prepare_workspace, fallback_database=self.config.database
+        )
+        _brokers.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Broker {self.config.uri} {state} loops={len(self._registry.actors())}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` or :meth:`aclose` has been called."""
+        return self._registry.closed
+
+    # -- borrowing -------------------------------------------------------------
+
+    def borrow(self, timeout: float | None = None) -> Connection:
+        """A driver from this loop's pool: ``await`` it or use ``async with``.
+
+        Waits at most ``timeout`` seconds (default: ``config.borrow_timeout``)
+        and then raises :class:`~broker.BorrowTimeout`.
+        """
+        return Connection(self, timeout)
+
+    async def release(self, connection: Connection) -> None:
+        """Give back a connection borrowed from this broker."""
+        if not isinstance(connection, Connection):
+            raise BrokerError(f"expected a Connection, got {type(connection).__name__}")
+        if connection._broker is not self:
+            raise BrokerError("this connection was borrowed from another broker")
+        await connection.release()
+
+    def _actor_for(self, loop: asyncio.AbstractEventLoop) -> Actor:
+        actor = self._registry.get(loop)
+        if actor is not None:
+            return actor
+        return self._registry.start(loop, self._new_actor)
+
+    def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
+        return Actor(self.config, loop, loop_key(), self._factory, self._actor_stopped)
+
+    def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
+        self._registry.retire(actor, loop_ended)
+        with self._retired_lock:
+            for name in _COUNTERS:
+                self._retired[name] += getattr(actor, name)
+
+    # -- workspaces ------------------------------------------------------------
+
+    async def _prepare(self, actor: Actor, driver: neo4j.AsyncDriver, workspace: str) -> str:
+        check_workspace(workspace)
+        while True:
+            cached = self._prepared.get(workspace)
+            if cached is not None:
+                return cached
+            running = actor.preparing.get(workspace)
+            if running is None:
+                break
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not running.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The caller that was preparing it was cancelled: try ourselves.
+        shared: asyncio.Future[str] = actor.loop.create_future()
+        actor.preparing[workspace] = shared
+        try:
+            name = await self._preparer(driver, workspace)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                shared.cancel()
+            else:
+                shared.set_exception(exc)
+                shared.exception()  # retrieved here; followers re-raise it
+            raise
+        finally:
+            actor.preparing.pop(workspace, None)
+        self._prepared[workspace] = name
+        shared.set_result(name)
+        return name
+
+    # -- stats -----------------------------------------------------------------
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Counters of every live loop's pool, by loop key (call inside a loop).
+
+        A loop that does not answer within ``timeout`` seconds is reported
+        with ``responsive: False`` and counters read without its actor.
+        """
+        here = asyncio.get_running_loop()
+        pending: dict[Actor, asyncio.Future[dict[str, Any]]] = {}
+        for actor in self._registry.actors():
+            if actor.loop is here:
+                own: asyncio.Future[dict[str, Any]] = here.create_future()
+                if actor.post(StatsRequest(functools.partial(_set_once, own))):
+                    pending[actor] = own
+            elif actor.loop.is_running():
+                other: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+                if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, other))):
+                    pending[actor] = asyncio.wrap_future(other)
+        if pending:
+            await asyncio.wait(pending.values(), timeout=timeout)
+        return self._collect(pending)
+
+    def stats_sync(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+        """:meth:`stats` for any thread, with or without a running loop."""
+        here = asyncio._get_running_loop()
+        pending: dict[Actor, concurrent.futures.Future[dict[str, Any]]] = {}
+        for actor in self._registry.actors():
+            if actor.loop is here or not actor.loop.is_running():
+                continue  # cannot answer while we hold its thread, or while parked
+            asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+            if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, asked))):
+                pending[actor] = asked
+        if pending:
+            concurrent.futures.wait(pending.values(), timeout=timeout)
+        return self._collect(pending)
+
+    def _collect(self, answers: dict[Actor, Any]) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = {}
+        for actor in self._registry.actors():
+            answer = answers.get(actor)
+            if answer is not None and answer.done() and not answer.cancelled():
+                entry = dict(answer.result())
+                entry["responsive"] = True
+            else:
+                # Not asked (its loop is not running, or it is ours and we block
+                # it) or no answer in time: read the counters directly.
+                entry = actor.snapshot()
+                entry["responsive"] = answer is None
+            entry["loop_running"] = actor.loop.is_running()
+            result[actor.key] = entry
+        return result
+
+    def totals(self) -> dict[str, int]:
+        """Counters summed over every loop this broker ever served."""
+        with self._retired_lock:
+            sums = dict(self._retired)
+        for actor in self._registry.actors():
+            for name in _COUNTERS:
+                sums[name] += getattr(actor, name)
+        return sums
+
+    # -- closing ---------------------------------------------------------------
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Close every loop's pool; wait for the ones that can answer."""
+        timeout = self.config.close_timeout if timeout is None else timeout
+        here = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        for actor, done in self._shutdown_all(timeout, here):
+            if actor.loop is here or actor.loop.is_running():
+                waits.append(
+                    done if isinstance(done, asyncio.Future) else asyncio.wrap_future(done)
+                )
+        if waits:
+            await asyncio.wait(waits, timeout=timeout + 1.0)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every loop's pool from any thread.
+
+        Pools of running loops are waited for, up to about ``timeout``
+        seconds. A pool whose loop is not running now (or is the caller's
+        own) closes when its loop next runs, or when the loop ends.
+        """
+        timeout = self.config.close_timeout if timeout is None else timeout
+        here = asyncio._get_running_loop()
+        waits: list[concurrent.futures.Future[None]] = []
+        for actor, done in self._shutdown_all(timeout, here):
+            if actor.loop is not here and actor.loop.is_running():
+                assert isinstance(done, concurrent.futures.Future)
+                waits.append(done)
+        if waits:
+            concurrent.futures.wait(waits, timeout=timeout + 1.0)
+
+    def _shutdown_all(
+        self, timeout: float, here: asyncio.AbstractEventLoop | None
+    ) -> list[tuple[Actor, asyncio.Future[None] | concurrent.futures.Future[None]]]:
+        actors = self._registry.close()
+        if log.enabled(log.INFO):
+            log.emit(log.INFO, "broker.closing", loops=len(actors), timeout=timeout)
+        posted: list[tuple[Actor, asyncio.Future[None] | concurrent.futures.Future[None]]] = []
+        for actor in actors:
+            done: asyncio.Future[None] | concurrent.futures.Future[None]
+            if actor.loop is here:
+                assert here is not None
+                done = here.create_future()
+                delivered = actor.post(
+                    Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
+                )
+            else:
+                done = concurrent.futures.Future()
+                delivered = actor.post_threadsafe(
+                    Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
+                )
+            if delivered:
+                posted.append((actor, done))
+        return posted
+
+    def _after_fork(self) -> None:
+        # The parent's loops, drivers and sockets are not ours to use or close.
+        self._registry.forget_all()
+        self._retired_lock = threading.Lock()
+
+
+def _set_once(
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any], value: Any = None
+) -> None:
+    if isinstance(future, asyncio.Future):
+        if not future.done():
+            future.set_result(value)
+        return
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # the asker gave up
+        future.set_result(value)
+
+
+_brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for broker in list(_brokers):
+        broker._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,265 @@
+"""Connection and pool settings, checked once at construction.
+
+The field names and defaults of the seed design are kept, so code written for
+it keeps working; the pool's own knobs (timeouts, health checks, lifetimes)
+are added with defaults a service can run on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from neo4j import AsyncDriver
+
+__all__ = ["SUPPORTED_SCHEMES", "DatabasePreparer", "Neo4jConnectionConfig", "redact_uri"]
+
+#: URI schemes of the Bolt drivers (direct and routing, plain and TLS).
+SUPPORTED_SCHEMES = frozenset({"bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"})
+
+#: ``(driver, workspace) -> database name``: prepares a workspace's database.
+DatabasePreparer = Callable[["AsyncDriver", str], Awaitable[str]]
+
+# Driver settings the config owns; driver_options may not set them again.
+_OWNED_DRIVER_OPTIONS = frozenset(
+    {
+        "auth",
+        "max_connection_pool_size",
+        "connection_timeout",
+        "connection_acquisition_timeout",
+        "max_transaction_retry_time",
+    }
+)
+
+_ENV_PREFIX = "NEO4J_"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without any user or password it may carry."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"***@{host}" + (f":{port}" if port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``scheme://user:pass@host`` into the bare URI and its credentials."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri, None, None
+    netloc = parts.netloc.rpartition("@")[2]
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    user = urllib.parse.unquote(parts.username) if parts.username is not None else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return bare, user, password
+
+
+@dataclass(frozen=True, repr=False)
+class Neo4jConnectionConfig:
+    """How to reach Neo4j, and how large each loop's pool of drivers may grow.
+
+    A pooled unit is one ``neo4j.AsyncDriver``, which keeps its own sockets
+    (``max_connection_pool_size``). Each event loop gets its own pool of at
+    most ``pool_max_size`` drivers. Durations are in seconds; ``None`` turns
+    the matching maintenance off.
+
+    Credentials embedded in the URI (``bolt://user:pass@host``) are taken out
+    of it and used when no password is given. The password never appears in
+    the repr, in an error or in a log line.
+    """
+
+    uri: str = "neo4j://localhost:7687"
+    username: str = "neo4j"
+    password: str = field(default="", compare=True)
+    #: Sockets inside one driver (the driver's own pool).
+    max_connection_pool_size: int = 50
+    connection_timeout: float = 30.0
+    connection_acquisition_timeout: float = 30.0
+    max_transaction_retry_time: float = 30.0
+    #: Drivers per event loop: in use, idle and being created together.
+    pool_max_size: int = 10
+    #: Drivers each loop keeps ready once it has started.
+    pool_min_size: int = 2
+    #: How long ``borrow()`` waits for a driver unless told otherwise.
+    borrow_timeout: float = 30.0
+    #: A driver idle longer than this is verified before it is handed out.
+    health_check_interval: float | None = 60.0
+    #: How long one health check may take before the driver is discarded.
+    health_check_timeout: float = 10.0
+    #: Drivers older than this are closed when they come back.
+    max_lifetime: float | None = 3600.0
+    #: Idle drivers above ``pool_min_size`` are closed after this long.
+    max_idle_time: float | None = 600.0
+    #: How long a closing pool waits for drivers still in use.
+    close_timeout: float = 10.0
+    #: Database for workspaces that get no database of their own.
+    database: str | None = None
+    #: Replaces the default workspace preparation (see ``broker.workspace``).
+    database_preparer: DatabasePreparer | None = field(default=None, compare=False)
+    #: Other ``neo4j.AsyncGraphDatabase.driver`` options, passed unchanged.
+    driver_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        self._check_uri()
+        for name in ("username", "password"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        for name in ("max_connection_pool_size", "pool_max_size", "pool_min_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+        if self.max_connection_pool_size < 1:
+            raise ValueError(
+                f"max_connection_pool_size must be at least 1, got {self.max_connection_pool_size}"
+            )
+        if self.pool_max_size < 1:
+            raise ValueError(f"pool_max_size must be at least 1, got {self.pool_max_size}")
+        if self.pool_min_size < 0:
+            raise ValueError(f"pool_min_size must not be negative, got {self.pool_min_size}")
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError(
+                f"pool_min_size ({self.pool_min_size}) must not exceed "
+                f"pool_max_size ({self.pool_max_size})"
+            )
+        for name in (
+            "connection_timeout",
+            "connection_acquisition_timeout",
+            "borrow_timeout",
+            "health_check_timeout",
+            "close_timeout",
+        ):
+            _check_duration(name, getattr(self, name), allow_none=False, allow_zero=False)
+        _check_duration("max_transaction_retry_time", self.max_transaction_retry_time, False, True)
+        _check_duration("health_check_interval", self.health_check_interval, True, True)
+        _check_duration("max_lifetime", self.max_lifetime, True, False)
+        _check_duration("max_idle_time", self.max_idle_time, True, False)
+        if self.database is not None and (not isinstance(self.database, str) or not self.database):
+            raise ValueError("database must be a non-empty string or None")
+        if self.database_preparer is not None and not callable(self.database_preparer):
+            raise ValueError("database_preparer must be an async callable (driver, workspace)")
+        if not isinstance(self.driver_options, Mapping):
+            raise ValueError("driver_options must be a mapping of driver settings")
+        clash = sorted(_OWNED_DRIVER_OPTIONS & set(self.driver_options))
+        if clash:
+            raise ValueError(
+                f"driver_options may not set {', '.join(clash)}: use the config fields instead"
+            )
+        object.__setattr__(self, "driver_options", MappingProxyType(dict(self.driver_options)))
+
+    def _check_uri(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ValueError("uri must be a non-empty string such as 'neo4j://host:7687'")
+        try:
+            parts = urllib.parse.urlsplit(self.uri)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"uri {redact_uri(self.uri)!r} is not a valid URI") from None
+        scheme = parts.scheme.lower()
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(
+                f"unknown URI scheme {scheme!r} in {redact_uri(self.uri)!r}; "
+                f"use one of {', '.join(sorted(SUPPORTED_SCHEMES))}"
+            )
+        if not parts.hostname:
+            raise ValueError(f"uri {redact_uri(self.uri)!r} names no host")
+        bare, user, password = _split_userinfo(self.uri)
+        if bare != self.uri:
+            object.__setattr__(self, "uri", bare)
+            if not self.password:
+                if user:
+                    object.__setattr__(self, "username", user)
+                object.__setattr__(self, "password", password or "")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in {"password", "database_preparer", "driver_options"}
+        )
+        options = sorted(self.driver_options)
+        return f"Neo4jConnectionConfig({shown}, password='***', driver_options={options!r})"
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, checked like a new config."""
+        return dataclasses.replace(self, **changes)
+
+    def driver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``neo4j.AsyncGraphDatabase.driver``."""
+        return {
+            "auth": (self.username, self.password),
+            "max_connection_pool_size": self.max_connection_pool_size,
+            "connection_timeout": self.connection_timeout,
+            "connection_acquisition_timeout": self.connection_acquisition_timeout,
+            "max_transaction_retry_time": self.max_transaction_retry_time,
+            **self.driver_options,
+        }
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Neo4jConnectionConfig:
+        """Read ``NEO4J_URI``, ``NEO4J_USERNAME``, ``NEO4J_PASSWORD``,
+        ``NEO4J_DATABASE`` and ``NEO4J_<FIELD>`` for each numeric field
+        (``NEO4J_POOL_MAX_SIZE``, ``NEO4J_BORROW_TIMEOUT`` ...).
+
+        Keyword arguments win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in overrides or f.name in {"database_preparer", "driver_options"}:
+                continue
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse_env(f.name, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+_INT_FIELDS = frozenset({"max_connection_pool_size", "pool_max_size", "pool_min_size"})
+_OPTIONAL_FIELDS = frozenset({"health_check_interval", "max_lifetime", "max_idle_time"})
+_STRING_FIELDS = frozenset({"uri", "username", "password", "database"})
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    variable = _ENV_PREFIX + name.upper()
+    if name in _STRING_FIELDS:
+        return raw
+    text = raw.strip()
+    if name in _OPTIONAL_FIELDS and text.lower() in {"none", "off"}:
+        return None
+    try:
+        return int(text) if name in _INT_FIELDS else float(text)
+    except ValueError:
+        kind = "an integer" if name in _INT_FIELDS else "a number"
+        raise ValueError(f"{variable} must be {kind}, got {text!r}") from None
+
+
+def _check_duration(name: str, value: Any, allow_none: bool, allow_zero: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = "a number of seconds or None" if allow_none else "a number of seconds"
+        raise ValueError(f"{name} must be {kind}, got {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")

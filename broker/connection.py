@@ -1,0 +1,253 @@
+"""The pooled unit (one ``AsyncDriver``) and the handle a borrower holds.
+
+A :class:`Connection` is what ``broker.borrow()`` returns. It is awaitable and
+an async context manager, and it gives exclusive use of one driver from the
+current loop's pool until it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import math
+import time
+from collections.abc import Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import neo4j.exceptions
+from neo4j import AsyncDriver
+
+from broker import log
+from broker.errors import BrokerClosed, BrokerError
+from broker.messages import Borrow, Return, Withdraw
+
+if TYPE_CHECKING:
+    from broker.actor import Actor
+    from broker.broker import Broker
+
+__all__ = ["CONNECTION_ERRORS", "Connection", "PooledDriver"]
+
+#: Errors after which a returned driver is checked before it is used again.
+CONNECTION_ERRORS: Final = (neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired)
+
+_driver_ids = itertools.count(1)
+
+
+class PooledDriver:
+    """One ``neo4j.AsyncDriver`` and what the pool knows about it."""
+
+    __slots__ = ("created_at", "driver", "id", "last_checked", "last_used")
+
+    def __init__(self, driver: AsyncDriver, now: float) -> None:
+        self.driver = driver
+        self.id = next(_driver_ids)
+        self.created_at = now
+        self.last_used = now
+        self.last_checked = now
+
+    def has_expired(self, now: float, max_lifetime: float | None) -> bool:
+        """Older than ``max_lifetime``: close it rather than reuse it."""
+        return max_lifetime is not None and now - self.created_at >= max_lifetime
+
+    def is_idle_for(self, now: float, max_idle_time: float | None) -> bool:
+        """Unused for longer than ``max_idle_time``."""
+        return max_idle_time is not None and now - self.last_used >= max_idle_time
+
+    def needs_check(self, now: float, interval: float | None) -> bool:
+        """Idle long enough that it should be verified before it is handed out."""
+        if interval is None:
+            return False
+        return now - max(self.last_used, self.last_checked) > interval
+
+    def __repr__(self) -> str:
+        return f"<PooledDriver #{self.id}>"
+
+
+_NEW, _HELD, _RELEASED = "new", "held", "released"
+
+
+class Connection:
+    """Exclusive use of one pooled driver of the current event loop.
+
+    Get one with ``await broker.borrow()`` or ``async with broker.borrow() as
+    conn``. Release it with :meth:`release` (or by leaving the ``with``
+    block); releasing twice is harmless. A release from another thread or
+    event loop is routed to the owning loop's actor.
+
+    A handle borrows once; borrow again for another driver.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_actor",
+        "_borrowed_at",
+        "_broken",
+        "_broker",
+        "_pooled",
+        "_state",
+        "_timeout",
+    )
+
+    def __init__(self, broker: Broker, timeout: float | None = None) -> None:
+        self._state = _NEW
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or math.isnan(timeout)
+            or timeout < 0
+        ):
+            raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
+        self._broker = broker
+        self._timeout = timeout
+        self._actor: Actor | None = None
+        self._pooled: PooledDriver | None = None
+        self._borrowed_at = 0.0
+        self._broken = False
+
+    # -- borrowing ---------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._acquire().__await__()
+
+    async def __aenter__(self) -> Connection:
+        return await self._acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, CONNECTION_ERRORS):
+            self._broken = True
+        self._release()
+
+    async def _acquire(self) -> Connection:
+        if self._state is not _NEW:
+            raise BrokerError("this handle has already borrowed once; call borrow() again")
+        broker = self._broker
+        loop = asyncio.get_running_loop()
+        actor = broker._actor_for(loop)
+        timeout = broker.config.borrow_timeout if self._timeout is None else self._timeout
+        waiter: asyncio.Future[PooledDriver] = loop.create_future()
+        request = Borrow(waiter, timeout, asyncio.current_task(), contextvars.copy_context())
+        started = time.monotonic()
+        try:
+            actor.post(request)
+        except BrokerClosed:
+            raise
+        try:
+            pooled = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed to us just as we were cancelled: give it straight back.
+                actor.post(Return(waiter.result()))
+            elif waiter.cancelled():
+                actor.post(Withdraw(request))
+            raise
+        now = time.monotonic()
+        self._actor = actor
+        self._pooled = pooled
+        self._borrowed_at = now
+        self._state = _HELD
+        if log.debug_enabled():
+            log.emit(
+                log.DEBUG,
+                "borrow",
+                driver=pooled.id,
+                wait_ms=round((now - started) * 1000, 3),
+                **actor.log_fields(),
+            )
+        return self
+
+    # -- using -------------------------------------------------------------
+
+    @property
+    def driver(self) -> AsyncDriver:
+        """The borrowed driver; raises :class:`BrokerError` once released."""
+        pooled = self._pooled
+        if pooled is None or self._state is not _HELD:
+            raise BrokerError(self._unusable())
+        return pooled.driver
+
+    async def get_driver(self) -> AsyncDriver:
+        """The borrowed driver (the seed design's spelling of :attr:`driver`)."""
+        return self.driver
+
+    @property
+    def database(self) -> str | None:
+        """The configured default database, or None for the server's default."""
+        return self._broker.config.database
+
+    async def prepare_database(self, workspace: str) -> str:
+        """Prepare ``workspace``'s database once per broker; return its name.
+
+        Pass the name as ``database_=`` to the driver's queries.
+        """
+        driver = self.driver
+        actor = self._actor
+        assert actor is not None
+        return await self._broker._prepare(actor, driver, workspace)
+
+    def mark_broken(self) -> None:
+        """Have the driver checked when it comes back (after a connection error)."""
+        self._broken = True
+
+    @property
+    def released(self) -> bool:
+        """True once the handle has been released."""
+        return self._state is _RELEASED
+
+    # -- returning ---------------------------------------------------------
+
+    async def release(self) -> None:
+        """Give the driver back to its pool. Harmless when already released."""
+        self._release()
+
+    def release_sync(self) -> None:
+        """:meth:`release` for code that cannot await (any thread)."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._state is not _HELD:
+            self._state = _RELEASED
+            return
+        self._state = _RELEASED
+        pooled, actor = self._pooled, self._actor
+        assert pooled is not None and actor is not None
+        self._pooled = None
+        message = Return(pooled, self._broken)
+        if asyncio._get_running_loop() is actor.loop:
+            delivered = actor.post(message)
+        else:
+            delivered = actor.post_threadsafe(message)
+        if log.debug_enabled():
+            log.emit(
+                log.DEBUG,
+                "return",
+                driver=pooled.id,
+                hold_ms=round((time.monotonic() - self._borrowed_at) * 1000, 3),
+                delivered=delivered,
+                **actor.log_fields(),
+            )
+
+    def _unusable(self) -> str:
+        if self._state is _NEW:
+            return "this connection has not been borrowed yet: await it or use 'async with'"
+        return "this connection was released; borrow again to get a driver"
+
+    def __del__(self) -> None:
+        # A handle dropped while held would shrink its pool for good.
+        if self._state is _HELD:
+            try:
+                self._state = _RELEASED
+                if self._pooled is not None and self._actor is not None:
+                    self._actor.post_threadsafe(Return(self._pooled, self._broken))
+            except Exception:  # noqa: S110 - nothing may escape a finalizer
+                pass
+
+    def __repr__(self) -> str:
+        pooled = f" driver #{self._pooled.id}" if self._pooled is not None else ""
+        return f"<Connection {self._state}{pooled}>"

@@ -1,0 +1,104 @@
+"""The default broker behind ``broker.borrow()`` and the other module functions.
+
+It is made from the environment (``Neo4jConnectionConfig.from_env()``) on
+first use, or by :func:`configure`. A later :func:`configure` replaces it and
+closes the old one, each of its pools in its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from broker.actor import DriverFactory
+from broker.broker import Broker
+from broker.config import Neo4jConnectionConfig
+from broker.connection import Connection
+
+__all__ = [
+    "aclose",
+    "borrow",
+    "close",
+    "configure",
+    "get_broker",
+    "release",
+    "stats",
+    "stats_sync",
+    "totals",
+]
+
+_lock = threading.Lock()
+_default: Broker | None = None
+
+
+def configure(
+    config: Neo4jConnectionConfig | None = None, *, driver_factory: DriverFactory | None = None
+) -> Broker:
+    """Make a new default broker (from the environment when ``config`` is None).
+
+    The previous default, if any, stops taking borrows; its pools close in
+    their own loops once their drivers come back. This call does not wait.
+    """
+    global _default
+    new = Broker(config, driver_factory=driver_factory)
+    with _lock:
+        old, _default = _default, new
+    if old is not None and not old.closed:
+        old._shutdown_all(old.config.close_timeout, asyncio._get_running_loop())
+    return new
+
+
+def get_broker() -> Broker:
+    """The default broker, made from the environment if there is none yet."""
+    global _default
+    current = _default
+    if current is None:
+        with _lock:
+            if _default is None:
+                _default = Broker()
+            current = _default
+    return current
+
+
+def borrow(timeout: float | None = None) -> Connection:
+    """Borrow from the default broker: ``async with broker.borrow() as conn``."""
+    return get_broker().borrow(timeout)
+
+
+async def release(connection: Connection) -> None:
+    """Give a connection back to the default broker."""
+    await get_broker().release(connection)
+
+
+async def stats(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Per-loop counters of the default broker (inside a loop)."""
+    return await get_broker().stats(timeout)
+
+
+def stats_sync(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Per-loop counters of the default broker, from any thread."""
+    return get_broker().stats_sync(timeout)
+
+
+def totals() -> dict[str, int]:
+    """Counters of the default broker summed over every loop it served."""
+    return get_broker().totals()
+
+
+async def aclose(timeout: float | None = None) -> None:
+    """Close the default broker's pools (inside a loop)."""
+    current = _default
+    if current is not None:
+        await current.aclose(timeout)
+
+
+def close(timeout: float | None = None) -> None:
+    """Close the default broker's pools, from any thread.
+
+    Borrowing from it afterwards raises :class:`~broker.BrokerClosed`; call
+    :func:`configure` for a working default again.
+    """
+    current = _default
+    if current is not None:
+        current.close(timeout)

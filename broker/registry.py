@@ -1,0 +1,99 @@
+"""Which actor serves which event loop, for one broker.
+
+Loops are the keys, held weakly and compared by identity, never by
+``id(loop)``: an id can be reused once a loop is gone, a loop object cannot.
+Actors are held weakly too: each loop holds its own actor (through the
+actor's maintenance timer), so a loop that is closed or dropped takes its
+actor and its entry with it.
+
+A lock guards the mapping while an actor is added, removed or listed. It is
+never held across I/O or an ``await`` and never touches pool state. Lookups
+of an existing actor (every borrow) take no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+
+from broker.actor import Actor
+from broker.errors import BrokerClosed
+
+__all__ = ["LoopRegistry", "loop_key"]
+
+_loop_numbers = itertools.count(1)
+
+
+def loop_key() -> str:
+    """A readable, process-unique name for the calling thread's new loop."""
+    return f"{threading.current_thread().name}/loop-{next(_loop_numbers)}"
+
+
+class LoopRegistry:
+    """The live actors of one broker, one per event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._actors: weakref.WeakValueDictionary[weakref.ref[asyncio.AbstractEventLoop], Actor] = (
+            weakref.WeakValueDictionary()
+        )
+        # Loops whose actor stopped because the loop itself was ending.
+        self._ended: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._closed = False
+
+    def get(self, loop: asyncio.AbstractEventLoop) -> Actor | None:
+        """The loop's running actor, if it has one."""
+        actor = self._actors.get(weakref.ref(loop))
+        if actor is None or actor.finished:
+            return None
+        return actor
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, make: Callable[[asyncio.AbstractEventLoop], Actor]
+    ) -> Actor:
+        """The loop's actor, made and started if it has none (call in that loop)."""
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed("the broker is closed")
+            if loop in self._ended:
+                raise BrokerClosed("this event loop is shutting down; its pool is closed")
+            key = weakref.ref(loop)
+            actor = self._actors.get(key)
+            if actor is None or actor.finished:
+                actor = make(loop)
+                self._actors[key] = actor
+                actor.start()
+            return actor
+
+    def retire(self, actor: Actor, loop_ended: bool) -> None:
+        """Forget a stopped actor."""
+        with self._lock:
+            key = weakref.ref(actor.loop)
+            if self._actors.get(key) is actor:
+                del self._actors[key]
+            if loop_ended:
+                self._ended.add(actor.loop)
+
+    def actors(self) -> list[Actor]:
+        """The live actors, at this moment."""
+        with self._lock:
+            return [a for a in self._actors.values() if not a.finished]
+
+    def close(self) -> list[Actor]:
+        """Refuse new actors from now on; return the live ones to shut down."""
+        with self._lock:
+            self._closed = True
+            return [a for a in self._actors.values() if not a.finished]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def forget_all(self) -> None:
+        """After a fork: drop every actor of the parent without touching it."""
+        self._lock = threading.Lock()
+        self._actors = weakref.WeakValueDictionary()
+        self._ended = weakref.WeakSet()

@@ -1,0 +1,204 @@
+"""A TCP proxy that misbehaves on demand, for fault tests against a real server.
+
+It runs in a thread of its own with its own event loop, so the loops under
+test never share anything with it. Put it between a driver and the server
+(``proxy.uri``) and switch it, from any thread, between:
+
+- :meth:`pass_through`: forward bytes both ways (the default);
+- :meth:`reset_all`: reset every open connection (TCP RST);
+- :meth:`blackhole`: keep connections open but forward nothing;
+- :meth:`delay_handshake`: hold each new connection's first bytes for a while;
+- :meth:`refuse`: stop listening, so new connections are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+__all__ = ["FaultProxy"]
+
+T = TypeVar("T")
+_CHUNK = 65536
+
+
+class _Link:
+    """One client connection and its upstream twin."""
+
+    def __init__(
+        self,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
+        self.client_reader, self.client_writer = client
+        self.upstream_reader, self.upstream_writer = upstream
+
+    def reset(self) -> None:
+        for writer in (self.client_writer, self.upstream_writer):
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+
+class FaultProxy:
+    """A loopback TCP proxy to ``target_host:target_port`` with switchable faults."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy")
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._handshake_delay = 0.0
+        self.accepted = 0
+
+    # -- life ----------------------------------------------------------------
+
+    def start(self) -> Self:
+        self._thread.start()
+        self._call(self._flow(True))
+        self._call(self._listen())
+        return self
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def uri(self) -> str:
+        return f"bolt://127.0.0.1:{self.port}"
+
+    @property
+    def open_links(self) -> int:
+        return len(self._links)
+
+    # -- faults --------------------------------------------------------------
+
+    def pass_through(self) -> None:
+        """Forward everything, listen for new connections, no delay."""
+        self._handshake_delay = 0.0
+        self._call(self._flow(True))
+        self._call(self._listen())
+
+    def reset_all(self) -> int:
+        """Reset every open connection; return how many were reset."""
+        return self._call(self._reset())
+
+    def blackhole(self) -> None:
+        """Accept and keep connections, forward nothing, answer nothing."""
+        self._call(self._flow(False))
+
+    def delay_handshake(self, seconds: float) -> None:
+        """Hold each new connection's first bytes for ``seconds``."""
+        self._handshake_delay = seconds
+
+    def refuse(self) -> None:
+        """Stop listening: new connections are refused; open ones go on."""
+        self._call(self._unlisten())
+
+    # -- inside the proxy's loop -----------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _flow(self, on: bool) -> None:
+        if on:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    async def _listen(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _unlisten(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _reset(self) -> int:
+        links = list(self._links)
+        for link in links:
+            link.reset()
+        self._links.clear()
+        return len(links)
+
+    async def _shutdown(self) -> None:
+        await self._unlisten()
+        await self._reset()
+        for pump in list(self._pumps):
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            upstream = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = _Link((reader, writer), upstream)
+        self._links.add(link)
+        first = [self._handshake_delay]
+        pumps = [
+            asyncio.create_task(self._pump(link, reader, upstream[1], first)),
+            asyncio.create_task(self._pump(link, upstream[0], writer, [0.0])),
+        ]
+        self._pumps.update(pumps)
+        try:
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            self._pumps.difference_update(pumps)
+            self._links.discard(link)
+            for w in (writer, upstream[1]):
+                w.transport.abort()
+
+    async def _pump(
+        self,
+        link: _Link,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delay: list[float],
+    ) -> None:
+        while True:
+            data = await reader.read(_CHUNK)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            if delay[0] > 0:
+                await asyncio.sleep(delay[0])
+                delay[0] = 0.0
+            await self._flowing.wait()
+            if link not in self._links:
+                return
+            writer.write(data)
+            await writer.drain()

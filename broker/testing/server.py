@@ -1,0 +1,524 @@
+"""A real Bolt server for tests and demos, with no Docker and no Java install.
+
+:class:`EmbeddedServer` runs ArcadeDB (from the ``arcadedb-embedded`` wheel,
+which bundles a JRE) with its Neo4j Bolt plugin in a child process, on free
+loopback ports, in a temporary directory, with a random password.
+:class:`ExternalServer` stands for a server you already run (a real Neo4j),
+chosen with ``NEO4J_URI``. Both offer the small :class:`BoltServer` interface,
+so tests do not care which one they talk to.
+
+``python -m broker.testing.server`` starts an embedded server, prints how to
+reach it and runs until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Protocol, Self, runtime_checkable
+
+__all__ = [
+    "BoltServer",
+    "EmbeddedServer",
+    "ExternalServer",
+    "ServerError",
+    "server_from_env",
+]
+
+_DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+
+class ServerError(RuntimeError):
+    """The test server could not be started, reached or changed."""
+
+
+@runtime_checkable
+class BoltServer(Protocol):
+    """What a test needs from a Bolt server, embedded or external."""
+
+    @property
+    def uri(self) -> str:
+        """The Bolt URI to give the driver."""
+        ...
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        """The (username, password) pair."""
+        ...
+
+    @property
+    def default_database(self) -> str:
+        """The database that queries naming none go to."""
+        ...
+
+    @property
+    def supports_restart(self) -> bool:
+        """True when :meth:`kill` and :meth:`restart` can be used."""
+        ...
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create a fresh database and return its name.
+
+        A server that cannot create databases returns its default one.
+        """
+        ...
+
+    def stop(self) -> None:
+        """Release the server (stopping it if this process started it)."""
+        ...
+
+
+def _check_db_name(name: str) -> str:
+    if not _DB_NAME.match(name):
+        raise ValueError(
+            f"database name {name!r} must start with a letter and hold only "
+            "letters, digits, '_' or '-' (at most 63 characters)"
+        )
+    return name
+
+
+def _fresh_db_name() -> str:
+    return "t" + uuid.uuid4().hex[:16]
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel has just handed out on loopback, all distinct."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_answers(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+_live: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+class EmbeddedServer:
+    """An ArcadeDB server with the Bolt plugin, in a child process.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    :meth:`kill` ends the child with SIGKILL and keeps its directory and ports
+    so that :meth:`restart` brings the same server back, data included.
+    """
+
+    supports_restart = True
+    username = "root"
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        password: str | None = None,
+        default_database: str = "broker",
+        heap: str | None = None,
+        startup_timeout: float = 90.0,
+    ) -> None:
+        self._owns_root = root is None
+        self._root = Path(root) if root is not None else None
+        self._password = password or secrets.token_urlsafe(18)
+        self._default_database = _check_db_name(default_database)
+        self._heap = heap or os.environ.get("BROKER_TEST_SERVER_HEAP", "512m")
+        self._startup_timeout = startup_timeout
+        self._ports: tuple[int, int, int] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._lock = threading.Lock()
+
+    # -- what tests use -------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return f"bolt://127.0.0.1:{self.bolt_port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return (self.username, self._password)
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    @property
+    def default_database(self) -> str:
+        return self._default_database
+
+    @property
+    def bolt_port(self) -> int:
+        return self._require_ports()[0]
+
+    @property
+    def http_port(self) -> int:
+        return self._require_ports()[1]
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            raise ServerError("the server has not been started")
+        return self._root
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        where = self.uri if self._ports else "no ports yet"
+        return f"<EmbeddedServer {where} {state}>"
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the server and return once Bolt answers."""
+        with self._lock:
+            if self.running:
+                raise ServerError("the server is already running")
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="broker-bolt-"))
+            _live.add(self)
+            attempts = 1 if self._ports else 3
+            for attempt in range(attempts):
+                if self._ports is None or attempt:
+                    b, h, s = _free_ports(3)
+                    self._ports = (b, h, s)
+                try:
+                    self._spawn()
+                    return self
+                except ServerError:
+                    if attempt == attempts - 1:
+                        self._cleanup_files()
+                        raise
+        return self
+
+    def restart(self) -> Self:
+        """Start again on the same directory and ports (after kill or stop)."""
+        if self._ports is None:
+            raise ServerError("restart() needs a server that was started once")
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            try:
+                with self._lock:
+                    if self.running:
+                        raise ServerError("the server is already running")
+                    self._spawn()
+                return self
+            except ServerError:
+                # The old listener's port may take a moment to be released.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the server process; directory and ports are kept."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self._close_pipes()
+            self._proc = None
+
+    def stop(self) -> None:
+        """Stop the server and remove its temporary directory."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None:
+                if proc.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.write(b"STOP\n")
+                        proc.stdin.close()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                # The JVM may have started helpers in its session.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                self._close_pipes()
+                self._proc = None
+            self._cleanup_files()
+            _live.discard(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- databases ------------------------------------------------------
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create a database through ArcadeDB's HTTP API and return its name."""
+        name = _check_db_name(name or _fresh_db_name())
+        self._http_command(f"create database {name}")
+        return name
+
+    def _http_command(self, command: str) -> None:
+        token = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/api/v1/server",
+            data=json.dumps({"command": command}).encode(),
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")[:500]
+            raise ServerError(f"server refused {command!r}: HTTP {exc.code} {body}") from None
+        except OSError as exc:
+            raise ServerError(f"server did not answer {command!r}: {exc}") from None
+
+    # -- internals ------------------------------------------------------
+
+    def _require_ports(self) -> tuple[int, int, int]:
+        if self._ports is None:
+            raise ServerError("the server has not been started")
+        return self._ports
+
+    def _spawn(self) -> None:
+        bolt, http, https = self._require_ports()
+        root = self.root
+        settings = {
+            "root": str(root / "server"),
+            "password": self._password,
+            "bolt_port": bolt,
+            "http_port": http,
+            "https_port": https,
+            "heap": self._heap,
+            "default_database": self._default_database,
+            # Removed by the child itself if this process dies without stop().
+            "cleanup_dir": str(root) if self._owns_root else None,
+        }
+        read_fd, write_fd = os.pipe()
+        log = open(root / "server.log", "ab")  # noqa: SIM115 - closed in _close_pipes
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "broker.testing._arcadedb", "--ready-fd", str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            log.close()
+            raise
+        os.close(write_fd)
+        self._proc, self._log = proc, log
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(settings).encode() + b"\n")
+            proc.stdin.flush()
+            self._wait_ready(read_fd, proc, bolt)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self._close_pipes()
+            self._proc = None
+            raise
+        finally:
+            os.close(read_fd)
+
+    def _wait_ready(self, read_fd: int, proc: subprocess.Popen[bytes], bolt: int) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        buffer = b""
+        while b"READY" not in buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerError(
+                    f"the embedded server did not start in {self._startup_timeout:.0f} s; "
+                    f"its log ends with:\n{self._log_tail()}"
+                )
+            readable, _, _ = select.select([read_fd], [], [], min(left, 0.5))
+            if readable:
+                chunk = os.read(read_fd, 64)
+                if not chunk:
+                    proc.wait(timeout=5)
+                    raise ServerError(
+                        f"the embedded server exited with status {proc.returncode}; "
+                        f"its log ends with:\n{self._log_tail()}"
+                    )
+                buffer += chunk
+        while not _port_answers(bolt):
+            if time.monotonic() > deadline:
+                raise ServerError(f"Bolt port {bolt} does not answer")
+            time.sleep(0.05)
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.root / "server.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]).replace(self._password, "***")
+
+    def _close_pipes(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def _cleanup_files(self) -> None:
+        if self._owns_root and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+
+class ExternalServer:
+    """A Bolt server this process did not start, such as a real Neo4j.
+
+    It cannot be killed or restarted from here. :meth:`create_database` uses
+    ``CREATE DATABASE`` where the server allows it (Neo4j Enterprise) and
+    otherwise returns the default database, so tests keep their data apart
+    with labels of their own.
+    """
+
+    supports_restart = False
+
+    def __init__(self, uri: str, username: str, password: str) -> None:
+        self._uri = uri
+        self._username = username
+        self._password = password
+        self._default: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return (self._username, self._password)
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    @property
+    def default_database(self) -> str:
+        if self._default is None:
+            records = self._system_query("SHOW DATABASES YIELD name, default")
+            defaults = [r["name"] for r in records if r["default"]]
+            if not defaults:
+                raise ServerError("the server reports no default database")
+            self._default = str(defaults[0])
+        return self._default
+
+    def __repr__(self) -> str:
+        return f"<ExternalServer {self._uri}>"
+
+    def create_database(self, name: str | None = None) -> str:
+        import neo4j.exceptions
+
+        name = _check_db_name(name or _fresh_db_name())
+        try:
+            self._system_query("CREATE DATABASE $name IF NOT EXISTS WAIT", name=name)
+        except neo4j.exceptions.ClientError:
+            return self.default_database
+        return name
+
+    def stop(self) -> None:
+        """Nothing to stop: this process did not start the server."""
+
+    def kill(self) -> None:
+        raise ServerError("an external server cannot be killed from the tests")
+
+    def restart(self) -> Self:
+        raise ServerError("an external server cannot be restarted from the tests")
+
+    def _system_query(self, query: str, **params: object) -> list[dict[str, object]]:
+        import neo4j
+
+        with neo4j.GraphDatabase.driver(self._uri, auth=self.auth) as driver:
+            records, _, _ = driver.execute_query(query, params, database_="system")
+        return [r.data() for r in records]
+
+
+def server_from_env() -> ExternalServer | None:
+    """The server named by ``NEO4J_URI``, if that variable is set."""
+    uri = os.environ.get("NEO4J_URI")
+    if not uri:
+        return None
+    return ExternalServer(
+        uri,
+        os.environ.get("NEO4J_USERNAME", "neo4j"),
+        os.environ.get("NEO4J_PASSWORD", ""),
+    )
+
+
+def main() -> None:
+    """Start an embedded server, print how to reach it, run until Ctrl-C."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedServer() as server:
+        print(f"NEO4J_URI={server.uri}")
+        print(f"NEO4J_USERNAME={server.username}")
+        print(f"NEO4J_PASSWORD={server.password}")
+        print(f"NEO4J_DATABASE={server.default_database}")
+        print("Embedded Bolt server running; press Ctrl-C to stop.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):
+                pass
+    print("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The actor's state machine with fake drivers: paths that are hard to force on a server.
+
+Each behaviour here also has a real-server test (test_broker, test_faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import neo4j.exceptions
+import pytest
+
+from broker import BorrowTimeout, Broker, BrokerClosed
+from tests.fakes import DriverPlan, fake_config
+from tests.helpers import eventually
+
+
+def snapshot(b: Broker) -> dict[str, Any]:
+    (actor,) = b._registry.actors()
+    return actor.snapshot()
+
+
+async def test_cancel_during_connect_does_not_leak_the_slot() -> None:
+    """httpcore's open bug: a borrower cancelled while its driver connects."""
+    plan = DriverPlan()
+    plan.slow_next(0.2)
+    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    task = asyncio.create_task(b.borrow().__aenter__())
+    await eventually(lambda: b._registry.actors() and snapshot(b)["creating"] == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: snapshot(b)["available"] == 1)
+    stats = snapshot(b)
+    assert stats["total"] == 1 and stats["creating"] == 0 and stats["cancellations"] == 1
+    async with b.borrow(timeout=1) as conn:  # the slot was not lost
+        assert conn.driver is plan.made[0]
+    await b.aclose()
+    assert plan.open_drivers == 0
+
+
+async def test_slow_creation_does_not_block_other_borrowers() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=3), driver_factory=plan)
+    first, second = await b.borrow(), await b.borrow()
+    plan.slow_next(1.0)
+    third = asyncio.create_task(b.borrow().__aenter__())  # its new driver takes 1 s
+    await eventually(lambda: snapshot(b)["creating"] == 1)
+    # Returns, hand-outs and stats go on while that driver is being made.
+    await first.release()
+    conn = await asyncio.wait_for(third, 0.3)
+    assert conn.driver is plan.made[0]
+    await second.release()
+    again = await asyncio.wait_for(b.borrow(), 0.3)
+    assert again.driver is plan.made[1]
+    stats = await asyncio.wait_for(b.stats(), 0.3)
+    assert next(iter(stats.values()))["creating"] == 1, "the slow creation is still running"
+    for c in (conn, again):
+        await c.release()
+    await eventually(lambda: snapshot(b)["available"] == 3, timeout=3)
+    await b.aclose()
+
+
+async def test_creation_error_goes_to_the_oldest_waiter_and_frees_the_slot() -> None:
+    plan = DriverPlan()
+    plan.fail_next(neo4j.exceptions.AuthError("bad credentials"))
+    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    with pytest.raises(neo4j.exceptions.AuthError):
+        await b.borrow()
+    stats = snapshot(b)
+    assert stats["total"] == 0 and stats["errors"] == 1 and stats["waiting"] == 0
+    async with b.borrow():
+        pass
+    await b.aclose()
+
+
+async def test_failed_check_gives_a_fresh_driver_or_the_error() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=1, health_check_interval=0), driver_factory=plan)
+    async with b.borrow() as conn:
+        first = conn.driver
+    plan.check_error = neo4j.exceptions.ServiceUnavailable("gone")
+    async with b.borrow() as conn:
+        assert conn.driver is not first  # replaced
+    assert first.closed  # type: ignore[attr-defined]
+    # Now nothing can be made either: the borrower gets the creation error.
+    plan.fail_next(neo4j.exceptions.ServiceUnavailable("still gone"))
+    with pytest.raises(neo4j.exceptions.ServiceUnavailable, match="still gone"):
+        await b.borrow()
+    stats = snapshot(b)
+    assert stats["discarded"] == 2 and stats["total"] == 0
+    await b.aclose()
+
+
+async def test_broken_return_is_checked_before_reuse() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=1, health_check_interval=None), driver_factory=plan)
+    with pytest.raises(neo4j.exceptions.SessionExpired):
+        async with b.borrow():
+            raise neo4j.exceptions.SessionExpired("connection dropped")
+    await eventually(lambda: snapshot(b)["available"] == 1)
+    assert plan.made[0].verifications == 2, "checked once more after the error"
+    assert snapshot(b)["checking"] == 0
+    await b.aclose()
+
+
+async def test_close_fails_waiters_and_waits_for_drivers_in_use() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    held = await b.borrow()
+    waiter = asyncio.create_task(b.borrow().__aenter__())
+    await eventually(lambda: snapshot(b)["waiting"] == 1)
+    closing = asyncio.create_task(b.aclose(timeout=5))
+    with pytest.raises(BrokerClosed):
+        await waiter
+    await asyncio.sleep(0.05)
+    assert not plan.made[0].closed, "in use: closed only when it comes back"
+    await held.release()
+    await closing
+    assert plan.open_drivers == 0
+    with pytest.raises(BrokerClosed):
+        await b.borrow()
+
+
+async def test_close_deadline_closes_drivers_still_in_use() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    held = await b.borrow()
+    await b.aclose(timeout=0.1)
+    assert plan.made[0].closed
+    await held.release()  # late: harmless
+    assert b.totals()["closed"] == 1
+
+
+async def test_timeout_zero_means_now_or_never() -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    held = await b.borrow()
+    with pytest.raises(BorrowTimeout):
+        await b.borrow(timeout=0)
+    await held.release()
+    async with b.borrow(timeout=0):  # an idle driver is handed out at once
+        pass
+    await b.aclose()
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "1", True])
+def test_bad_borrow_timeout(bad: Any) -> None:
+    b = Broker(fake_config(), driver_factory=DriverPlan())
+    with pytest.raises(ValueError, match="timeout must be zero or more"):
+        b.borrow(timeout=bad)
+    b.close()
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2, 3, 5])
+def test_loop_ending_while_jobs_are_queued_does_not_hang(yields: int) -> None:
+    """asyncio.run cancels every task, even jobs that have not started: all must report."""
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=2, health_check_interval=None), driver_factory=plan)
+
+    async def main() -> None:
+        held = await b.borrow()
+        try:
+            async with b.borrow():
+                raise neo4j.exceptions.SessionExpired("dropped")  # a check job follows
+        except neo4j.exceptions.SessionExpired:
+            pass
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        del held  # abandoned: closed when the loop ends
+
+    finished = threading.Event()
+
+    def run() -> None:
+        asyncio.run(main())
+        finished.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert finished.is_set(), "asyncio.run() hung at loop end"
+    assert plan.open_drivers == 0
+    assert b.totals()["created"] == b.totals()["closed"] == 2

@@ -1,0 +1,140 @@
+"""Neo4jConnectionConfig: seed defaults, validation, the environment, secrets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker import Neo4jConnectionConfig
+from broker.config import redact_uri
+from tests.conftest import PLANTED_SECRETS
+
+SECRET = PLANTED_SECRETS[1]
+URI_SECRET = PLANTED_SECRETS[0]
+
+
+def test_seed_fields_and_defaults() -> None:
+    config = Neo4jConnectionConfig()
+    assert config.uri == "neo4j://localhost:7687"
+    assert config.username == "neo4j"
+    assert config.max_connection_pool_size == 50
+    assert config.connection_timeout == 30.0
+    assert config.connection_acquisition_timeout == 30.0
+    assert config.max_transaction_retry_time == 30.0
+    assert config.pool_max_size == 10
+    assert config.pool_min_size == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pool_max_size": 0}, "pool_max_size must be at least 1"),
+        ({"pool_min_size": -1}, "pool_min_size must not be negative"),
+        ({"pool_min_size": 5, "pool_max_size": 3}, "must not exceed pool_max_size"),
+        ({"max_connection_pool_size": 0}, "max_connection_pool_size must be at least 1"),
+        ({"pool_max_size": 2.5}, "pool_max_size must be an integer"),
+        ({"pool_max_size": True}, "pool_max_size must be an integer"),
+        ({"borrow_timeout": 0}, "borrow_timeout must be more than zero"),
+        ({"borrow_timeout": -1.0}, "borrow_timeout must be more than zero"),
+        ({"connection_timeout": float("nan")}, "connection_timeout must be more than zero"),
+        ({"connection_timeout": "30"}, "connection_timeout must be a number"),
+        ({"max_idle_time": 0}, "max_idle_time must be more than zero"),
+        ({"health_check_interval": -5}, "health_check_interval must be zero or more"),
+        ({"uri": "http://localhost:7474"}, "unknown URI scheme 'http'"),
+        ({"uri": "mongodb://localhost"}, "unknown URI scheme 'mongodb'"),
+        ({"uri": "localhost:7687"}, "unknown URI scheme"),
+        ({"uri": ""}, "uri must be a non-empty string"),
+        ({"uri": "bolt://"}, "names no host"),
+        ({"uri": "bolt://host:99999"}, "is not a valid URI"),
+        ({"database": ""}, "database must be a non-empty string"),
+        ({"driver_options": {"auth": ("a", "b")}}, "driver_options may not set auth"),
+        ({"driver_options": {"max_connection_pool_size": 3}}, "may not set max_connection"),
+        ({"database_preparer": "not callable"}, "database_preparer must be"),
+    ],
+)
+def test_invalid_values_raise_value_error(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        Neo4jConnectionConfig(password=SECRET, **changes)
+    assert SECRET not in str(caught.value)
+
+
+def test_password_never_in_repr_str_or_errors() -> None:
+    config = Neo4jConnectionConfig(uri="bolt://db:7687", password=SECRET)
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config)
+    with pytest.raises(ValueError, match="pool_max_size") as caught:
+        config.replace(pool_max_size=-1)
+    assert SECRET not in str(caught.value)
+
+
+def test_credentials_in_uri_are_moved_out_and_redacted() -> None:
+    config = Neo4jConnectionConfig(uri=f"bolt://alice:{URI_SECRET}@db.example:7687")
+    assert config.uri == "bolt://db.example:7687"
+    assert (config.username, config.password) == ("alice", URI_SECRET)
+    assert URI_SECRET not in repr(config)
+    assert config.driver_kwargs()["auth"] == ("alice", URI_SECRET)
+    # Explicit credentials win over the URI's, which are still removed.
+    explicit = Neo4jConnectionConfig(
+        uri=f"neo4j://bob:{URI_SECRET}@db.example", username="carol", password=SECRET
+    )
+    assert explicit.uri == "neo4j://db.example"
+    assert (explicit.username, explicit.password) == ("carol", SECRET)
+    with pytest.raises(ValueError, match="unknown URI scheme") as caught:
+        Neo4jConnectionConfig(uri=f"http://alice:{URI_SECRET}@db.example")
+    assert URI_SECRET not in str(caught.value)
+    assert "***@db.example" in str(caught.value)
+    assert redact_uri(f"bolt://x:{URI_SECRET}@[::1]:7687") == "bolt://***@[::1]:7687"
+
+
+def test_from_env_reads_every_field() -> None:
+    env = {
+        "NEO4J_URI": "neo4j+s://graph.example:7687",
+        "NEO4J_USERNAME": "svc",
+        "NEO4J_PASSWORD": SECRET,
+        "NEO4J_DATABASE": "graph",
+        "NEO4J_POOL_MAX_SIZE": "4",
+        "NEO4J_POOL_MIN_SIZE": "0",
+        "NEO4J_MAX_CONNECTION_POOL_SIZE": "7",
+        "NEO4J_CONNECTION_TIMEOUT": "2.5",
+        "NEO4J_BORROW_TIMEOUT": "3",
+        "NEO4J_HEALTH_CHECK_INTERVAL": "off",
+        "NEO4J_MAX_LIFETIME": "120",
+    }
+    config = Neo4jConnectionConfig.from_env(env)
+    assert config.uri == "neo4j+s://graph.example:7687"
+    assert (config.username, config.password, config.database) == ("svc", SECRET, "graph")
+    assert (config.pool_max_size, config.pool_min_size) == (4, 0)
+    assert config.max_connection_pool_size == 7
+    assert config.connection_timeout == 2.5
+    assert config.borrow_timeout == 3.0
+    assert config.health_check_interval is None
+    assert config.max_lifetime == 120.0
+    assert Neo4jConnectionConfig.from_env(env, pool_max_size=9).pool_max_size == 9
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("NEO4J_POOL_MAX_SIZE", "ten", "NEO4J_POOL_MAX_SIZE must be an integer, got 'ten'"),
+        ("NEO4J_BORROW_TIMEOUT", "soon", "NEO4J_BORROW_TIMEOUT must be a number"),
+        ("NEO4J_POOL_MAX_SIZE", "0", "pool_max_size must be at least 1"),
+        ("NEO4J_URI", "ftp://x", "unknown URI scheme 'ftp'"),
+    ],
+)
+def test_from_env_rejects_bad_values(name: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Neo4jConnectionConfig.from_env({name: value, "NEO4J_PASSWORD": SECRET})
+
+
+@pytest.mark.parametrize("scheme", ["bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"])
+def test_tls_schemes_and_driver_options_pass_through(scheme: str) -> None:
+    config = Neo4jConnectionConfig(
+        uri=f"{scheme}://db.example:7687",
+        driver_options={"user_agent": "svc/1", "keep_alive": False},
+    )
+    assert config.uri == f"{scheme}://db.example:7687"
+    kwargs = config.driver_kwargs()
+    assert kwargs["user_agent"] == "svc/1" and kwargs["keep_alive"] is False
+    with pytest.raises(TypeError):
+        config.driver_options["user_agent"] = "changed"  # type: ignore[index]

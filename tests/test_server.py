@@ -1,0 +1,136 @@
+"""The test server itself: start, query, kill -9 and restart, stop, and the NEO4J_URI switch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import neo4j
+import neo4j.exceptions
+import pytest
+
+from broker.testing import EmbeddedServer, ExternalServer, server_from_env
+from broker.testing.pytest_plugin import select_server
+from broker.testing.sockets import open_connections
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.slow
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _query(uri: str, auth: tuple[str, str], database: str | None = None) -> int:
+    async with neo4j.AsyncGraphDatabase.driver(uri, auth=auth) as driver:
+        records, _, _ = await driver.execute_query("RETURN 41 + 1 AS x", database_=database)
+        return int(records[0]["x"])
+
+
+async def test_start_query_kill_restart_stop() -> None:
+    cwd_before = set(os.listdir())
+    server = EmbeddedServer().start()
+    try:
+        pid, port, root = server.pid, server.bolt_port, server.root
+        assert pid is not None and _pid_alive(pid)
+        assert await _query(server.uri, server.auth) == 42
+
+        database = server.create_database()
+        async with neo4j.AsyncGraphDatabase.driver(server.uri, auth=server.auth) as driver:
+            await driver.execute_query("CREATE (:Kept {v: 7})", database_=database)
+
+        server.kill()
+        assert not _pid_alive(pid)
+        with pytest.raises(ConnectionRefusedError):  # nothing listens any more
+            await asyncio.open_connection("127.0.0.1", port)
+
+        server.restart()
+        assert server.bolt_port == port and server.root == root
+        assert server.pid != pid
+        async with neo4j.AsyncGraphDatabase.driver(server.uri, auth=server.auth) as driver:
+            records, _, _ = await driver.execute_query(
+                "MATCH (n:Kept) RETURN n.v AS v", database_=database
+            )
+        assert [r["v"] for r in records] == [7], "data written before kill -9 survives"
+        await eventually(lambda: open_connections(port) == 0, what="driver sockets closed")
+    finally:
+        new_pid = server.pid
+        server.stop()
+    assert new_pid is not None and not _pid_alive(new_pid)
+    assert not root.exists(), "stop() removes the temporary directory"
+    assert set(os.listdir()) == cwd_before, "the server wrote files outside its directory"
+
+
+async def test_wrong_password_and_unknown_database_are_real_errors(bolt_server: object) -> None:
+    server = bolt_server
+    assert hasattr(server, "uri")
+    with pytest.raises(neo4j.exceptions.AuthError):
+        await _query(server.uri, ("root", "not-the-password"))  # type: ignore[attr-defined]
+    with pytest.raises(neo4j.exceptions.ClientError) as caught:
+        await _query(server.uri, server.auth, database="no-such-db")  # type: ignore[attr-defined]
+    assert caught.value.code == "Neo.ClientError.Database.DatabaseNotFound"
+
+
+def test_password_never_in_repr_or_argv() -> None:
+    with EmbeddedServer() as server:
+        assert server.password not in repr(server)
+        assert server.pid is not None
+        argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+        assert server.password not in argv
+
+
+def test_parent_killed_leaves_nothing_behind(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from broker.testing import EmbeddedServer
+        server = EmbeddedServer().start()
+        print(server.pid, server.root, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid, root = parent.stdout.readline().split()
+        assert Path(root).exists()
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while (_pid_alive(int(child_pid)) or Path(root).exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pid_alive(int(child_pid)), "the server process outlived its parent"
+    assert not Path(root).exists(), "the temporary directory outlived its parent"
+
+
+def test_neo4j_uri_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NEO4J_URI set, the fixtures use that server and start nothing."""
+    with EmbeddedServer() as real:
+        monkeypatch.setenv("NEO4J_URI", real.uri)
+        monkeypatch.setenv("NEO4J_USERNAME", real.auth[0])
+        monkeypatch.setenv("NEO4J_PASSWORD", real.auth[1])
+        chosen, owned = select_server()
+        assert isinstance(chosen, ExternalServer) and not owned
+        assert chosen.uri == real.uri and chosen.auth == real.auth
+        assert not chosen.supports_restart
+        assert asyncio.run(_query(chosen.uri, chosen.auth)) == 42
+        assert chosen.default_database == real.default_database
+        # This server cannot CREATE DATABASE: the default one is handed out.
+        assert chosen.create_database() == real.default_database
+        chosen.stop()  # must not stop a server it did not start
+        assert real.running
+    monkeypatch.delenv("NEO4J_URI")
+    assert server_from_env() is None
