@@ -30,6 +30,7 @@ from typing import Any
 
 import janus
 from neo4j import AsyncDriver
+from neo4j.exceptions import ServiceUnavailable
 
 from broker import log
 from broker.config import Neo4jConnectionConfig
@@ -443,10 +444,15 @@ class Actor:
 
     async def _create(self) -> Created:
         driver: AsyncDriver | None = None
+        limit = self.config.connection_acquisition_timeout
         try:
             driver = self._factory(self.config)
-            async with asyncio.timeout(self.config.connection_acquisition_timeout):
-                await driver.verify_connectivity()
+            try:
+                async with asyncio.timeout(limit):
+                    await driver.verify_connectivity()
+            except TimeoutError:
+                # Report it the way the driver reports a server it cannot reach.
+                raise ServiceUnavailable(f"could not connect within {limit:g} s") from None
         except BaseException as exc:
             if driver is not None:
                 await _close_quietly(driver)

@@ -29,8 +29,13 @@ if TYPE_CHECKING:
 
 __all__ = ["CONNECTION_ERRORS", "Connection", "PooledDriver"]
 
-#: Errors after which a returned driver is checked before it is used again.
-CONNECTION_ERRORS: Final = (neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired)
+#: Errors after which a returned driver is checked before it is used again
+#: (a timeout may have cut a query short on a connection that no longer answers).
+CONNECTION_ERRORS: Final = (
+    neo4j.exceptions.ServiceUnavailable,
+    neo4j.exceptions.SessionExpired,
+    TimeoutError,
+)
 
 _driver_ids = itertools.count(1)
 
@@ -66,6 +71,12 @@ class PooledDriver:
 
 
 _NEW, _HELD, _RELEASED = "new", "held", "released"
+
+_SYNC_MISUSE = (
+    "borrow() needs a running event loop: use 'async with broker.borrow() as conn' "
+    "inside a coroutine; from synchronous code run that coroutine with broker.run(...) "
+    "(or asyncio.run); broker.stats_sync() and broker.close() work without a loop"
+)
 
 
 class Connection:
@@ -120,24 +131,30 @@ class Connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, CONNECTION_ERRORS):
+        if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerError):
             self._broken = True
         self._release()
+
+    def __enter__(self) -> Connection:
+        raise BrokerError(_SYNC_MISUSE)
+
+    def __exit__(self, *exc_info: object) -> None:
+        raise BrokerError(_SYNC_MISUSE)  # pragma: no cover - __enter__ already raised
 
     async def _acquire(self) -> Connection:
         if self._state is not _NEW:
             raise BrokerError("this handle has already borrowed once; call borrow() again")
         broker = self._broker
-        loop = asyncio.get_running_loop()
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            raise BrokerError(_SYNC_MISUSE)
         actor = broker._actor_for(loop)
         timeout = broker.config.borrow_timeout if self._timeout is None else self._timeout
         waiter: asyncio.Future[PooledDriver] = loop.create_future()
         request = Borrow(waiter, timeout, asyncio.current_task(), contextvars.copy_context())
         started = time.monotonic()
-        try:
-            actor.post(request)
-        except BrokerClosed:
-            raise
+        if not actor.post(request):
+            raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
         try:
             pooled = await waiter
         except BaseException:

@@ -134,3 +134,21 @@ def test_neo4j_uri_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         assert real.running
     monkeypatch.delenv("NEO4J_URI")
     assert server_from_env() is None
+
+
+async def test_default_database_stays_put_as_databases_are_added(bolt_server: object) -> None:
+    server = bolt_server
+    assert isinstance(server, EmbeddedServer | ExternalServer)
+    for _ in range(5):
+        server.create_database()
+    async with neo4j.AsyncGraphDatabase.driver(server.uri, auth=server.auth) as driver:
+        records, _, _ = await driver.execute_query(
+            "SHOW DATABASES YIELD name, default", database_="system"
+        )
+        assert [r["name"] for r in records if r["default"]] == [server.default_database]
+        marker = f"Where{os.getpid()}"
+        await driver.execute_query(f"CREATE (:{marker})")  # names no database
+        records, _, _ = await driver.execute_query(
+            f"MATCH (n:{marker}) RETURN count(n) AS c", database_=server.default_database
+        )
+        assert records[0]["c"] == 1, "queries naming no database go to the default one"

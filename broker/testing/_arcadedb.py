@@ -42,6 +42,9 @@ def _serve(settings: dict[str, Any], ready_fd: int) -> None:
             "bolt_port": settings["bolt_port"],
             "http_port": settings["http_port"],
             "server_httpsIncomingPort": settings["https_port"],
+            # Otherwise the "default" database is whichever comes first in the
+            # engine's own order, and it moves as databases are added.
+            "bolt_defaultDatabase": settings["default_database"],
         },
         jvm_kwargs={"heap_size": settings["heap"]},
     )

@@ -1,0 +1,176 @@
+"""Random sequences of borrow, return, cancel, timeout, failing create and close
+against one actor; the pool's invariants are checked after every step.
+
+Fake drivers make creation failures and delays happen on demand; the same
+behaviours have real-server tests in test_broker, test_faults and
+test_reliability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import neo4j.exceptions
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from broker import BorrowTimeout, Broker, BrokerClosed, Connection
+from broker.actor import Actor
+from tests.fakes import DriverPlan, fake_config
+
+MAX = 2
+
+borrow = st.tuples(st.just("borrow"), st.sampled_from([None, 0.0, 0.02, 0.1]))
+ops = st.lists(
+    st.one_of(
+        # Borrows weigh three times as much, so pools fill up and queues form.
+        borrow,
+        borrow,
+        borrow,
+        st.tuples(st.just("release"), st.integers(0, 20)),
+        st.tuples(st.just("release_broken"), st.integers(0, 20)),
+        st.tuples(st.just("cancel"), st.integers(0, 20)),
+        st.tuples(st.just("handoff_then_cancel"), st.integers(0, 20)),
+        st.tuples(st.just("fail_next_create"), st.none()),
+        st.tuples(st.just("slow_next_create"), st.sampled_from([0.01, 0.05])),
+        st.tuples(st.just("wait"), st.sampled_from([0.0, 0.01, 0.05])),
+        st.tuples(st.just("close"), st.none()),
+    ),
+    min_size=5,
+    max_size=50,
+)
+
+
+@dataclass
+class Borrower:
+    task: asyncio.Task[None]
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: bool = False
+    conn: Connection | None = None
+    outcome: str = "pending"
+
+
+async def borrower(b: Broker, timeout: float | None, me: Borrower) -> None:
+    try:
+        me.conn = await b.borrow(timeout=timeout if timeout is not None else 5.0)
+    except BorrowTimeout:
+        me.outcome = "timed out"
+        return
+    except BrokerClosed:
+        me.outcome = "refused"
+        return
+    except neo4j.exceptions.ServiceUnavailable:
+        me.outcome = "create failed"
+        return
+    except asyncio.CancelledError:
+        me.outcome = "cancelled"
+        raise
+    me.outcome = "served"
+    try:
+        await me.release.wait()
+    finally:
+        if me.broken:
+            me.conn.mark_broken()
+        await me.conn.release()
+
+
+def check_invariants(actor: Actor, borrowers: list[Borrower], acquired: int) -> None:
+    idle, in_use = list(actor._idle), set(actor._in_use)
+    checking, closing = set(actor._checking), set(actor._closing)
+    assert actor._total() <= MAX, "never more than pool_max_size drivers"
+    assert len(idle) == len(set(idle)), "a driver twice in the idle list"
+    places = [set(idle), in_use, checking, closing]
+    for i, a in enumerate(places):
+        for b in places[i + 1 :]:
+            assert not (a & b), "a driver in two places at once"
+    holders = [
+        m.conn._pooled for m in borrowers if m.conn is not None and m.conn._pooled is not None
+    ]
+    assert len(holders) == len(set(holders)), "one driver held by two borrowers"
+    assert set(holders) <= in_use | closing, "a held driver the actor does not count as in use"
+    assert in_use <= set(holders), "a driver counted in use that nobody holds (leaked)"
+    alive = len(idle) + len(in_use) + len(checking) + len(closing)
+    assert actor.created - actor.closed == alive, "created - closed == drivers alive"
+    assert actor.borrows >= acquired
+
+
+async def scenario(steps: list[tuple[str, Any]]) -> None:
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_max_size=MAX, health_check_interval=None), driver_factory=plan)
+    borrowers: list[Borrower] = []
+    closing: list[asyncio.Task[None]] = []
+
+    def pick(index: int) -> Borrower | None:
+        return borrowers[index % len(borrowers)] if borrowers else None
+
+    for op, arg in steps:
+        if op == "borrow":
+            me = Borrower(task=None)  # type: ignore[arg-type]
+            me.task = asyncio.create_task(borrower(b, arg, me))
+            borrowers.append(me)
+        elif op in ("release", "release_broken"):
+            me = pick(arg)
+            if me is not None:
+                me.broken = op == "release_broken"
+                me.release.set()
+        elif op == "cancel":
+            me = pick(arg)
+            if me is not None:
+                me.task.cancel()
+        elif op == "handoff_then_cancel":
+            # Return a driver, and cancel the oldest waiter right behind the
+            # actor's wake-up: the actor hands it over, then the waiter learns
+            # it is cancelled.
+            holders = [m for m in borrowers if m.conn is not None and not m.conn.released]
+            waiting = [m for m in borrowers if m.outcome == "pending" and not m.task.done()]
+            if holders and waiting:
+                holder = holders[arg % len(holders)]
+                assert holder.conn is not None
+                holder.conn.release_sync()
+                asyncio.get_running_loop().call_soon(waiting[0].task.cancel)
+        elif op == "fail_next_create":
+            plan.fail_next()
+        elif op == "slow_next_create":
+            plan.slow_next(arg)
+        elif op == "wait":
+            await asyncio.sleep(arg)
+        elif op == "close" and not closing:
+            closing.append(asyncio.create_task(b.aclose(timeout=0.2)))
+        await asyncio.sleep(0)
+        actors = b._registry.actors()
+        if actors:
+            await b.stats()  # a barrier: every message posted so far is handled
+            acquired = sum(1 for m in borrowers if m.outcome == "served")
+            check_invariants(actors[0], borrowers, acquired)
+
+    for me in borrowers:
+        me.release.set()
+    await b.aclose(timeout=1.0)
+    await asyncio.gather(*closing)
+    await asyncio.wait_for(asyncio.gather(*(m.task for m in borrowers), return_exceptions=True), 5)
+    # Every waiter was served, timed out, refused, failed, or cancelled.
+    outcomes = {m.outcome for m in borrowers}
+    assert outcomes <= {"served", "timed out", "refused", "create failed", "cancelled"}, outcomes
+    assert plan.open_drivers == 0, "every driver closed in the end"
+    totals = b.totals()
+    assert totals["created"] == totals["closed"]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(ops)
+# Sequences worth running every time, besides the random ones.
+@example([("borrow", None)] * 4 + [("wait", 0.01), ("handoff_then_cancel", 0), ("wait", 0.01)])
+@example([("borrow", None)] * 5 + [("wait", 0.01), ("close", None), ("release", 0), ("wait", 0.3)])
+@example(
+    [("fail_next_create", None), ("slow_next_create", 0.05)]
+    + [("borrow", 0.02)] * 3
+    + [("cancel", 1), ("wait", 0.05), ("borrow", None), ("wait", 0.05)]
+)
+def test_random_sequences_keep_the_invariants(steps: list[tuple[str, Any]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(steps), 30))
