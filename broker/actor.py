@@ -132,21 +132,29 @@ class Actor:
 
     async def _run(self) -> None:
         self._emit(log.INFO, "actor.started")
-        loop_ending = False
+        loop_ending = destroyed = False
         try:
-            await self._serve()
-        except asyncio.CancelledError:
-            # asyncio.run() is ending the loop: close every driver here, now.
-            loop_ending = True
-            self._begin_stop("event loop ending", self.config.close_timeout)
-            while True:
-                try:
-                    await self._serve()
-                    break
-                except asyncio.CancelledError:
-                    self._close_in_use("cancelled again while closing")
+            try:
+                await self._serve()
+            except asyncio.CancelledError:
+                # asyncio.run() is ending the loop: close every driver here, now.
+                loop_ending = True
+                self._begin_stop("event loop ending", self.config.close_timeout)
+                while True:
+                    try:
+                        await self._serve()
+                        break
+                    except asyncio.CancelledError:
+                        self._close_in_use("cancelled again while closing")
+        except GeneratorExit:
+            # Garbage-collected with a loop that was dropped while we were
+            # pending: there is no loop left to close anything on.
+            destroyed = True
+            self._finished = True
+            raise
         finally:
-            self._finish(loop_ending)
+            if not destroyed:
+                self._finish(loop_ending)
         if loop_ending:
             raise asyncio.CancelledError
 

@@ -138,3 +138,32 @@ def test_tls_schemes_and_driver_options_pass_through(scheme: str) -> None:
     assert kwargs["user_agent"] == "svc/1" and kwargs["keep_alive"] is False
     with pytest.raises(TypeError):
         config.driver_options["user_agent"] = "changed"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("uri", "options", "encrypted"),
+    [
+        ("bolt://db.example:7687", {}, False),
+        ("neo4j://db.example:7687", {}, False),
+        ("bolt+s://db.example:7687", {}, True),
+        ("bolt+ssc://db.example:7687", {}, True),
+        ("neo4j+s://db.example:7687", {}, True),
+        ("neo4j+ssc://db.example:7687", {}, True),
+        ("bolt://db.example:7687", {"encrypted": True}, True),
+    ],
+)
+async def test_tls_settings_reach_the_driver_unchanged(
+    uri: str, options: dict[str, Any], encrypted: bool
+) -> None:
+    import neo4j
+
+    from broker.broker import default_driver_factory
+
+    config = Neo4jConnectionConfig(uri=uri, password=SECRET, driver_options=options)
+    driver = default_driver_factory(config)
+    try:
+        assert driver.encrypted is encrypted
+        routing = uri.startswith("neo4j")
+        assert isinstance(driver, neo4j.AsyncNeo4jDriver if routing else neo4j.AsyncBoltDriver)
+    finally:
+        await driver.close()
