@@ -117,9 +117,12 @@ def cross_loop_errors(outcomes: Iterable[Outcome]) -> list[Outcome]:
     return [o for o in outcomes if CROSS_LOOP in o.detail]
 
 
-def recovery_seconds(outcomes: list[Outcome], since: float) -> float | None:
-    """Seconds from ``since`` until the last failure of anything that started after it."""
-    after = [o for o in outcomes if o.started >= since]
+def recovery_seconds(
+    outcomes: list[Outcome], since: float, until: float = float("inf")
+) -> float | None:
+    """Seconds from ``since`` to the last failure among attempts made between ``since``
+    and ``until`` (started and ended); None if none of them succeeded."""
+    after = [o for o in outcomes if since <= o.started and o.ended < until]
     if not any(o.error is None for o in after):
         return None
     failures = [o.ended for o in after if o.error is not None]
