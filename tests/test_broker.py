@@ -479,3 +479,112 @@ async def test_loop_end_closes_every_driver_in_its_own_loop(
     assert totals["created"] == 2 and totals["closed"] == 2
     assert open_connections(port) == before
     b.close()
+
+
+async def test_close_deadline_closes_drivers_still_in_use(
+    make_broker: MakeBroker, bolt_server: BoltServer
+) -> None:
+    b = make_broker(pool_min_size=0)
+    held = await b.borrow()
+    assert await query(held) == 1
+    await b.aclose(timeout=0.2)
+    assert held.driver._closed, "closed at the deadline although never returned"  # type: ignore[attr-defined]
+    await held.release()  # late, harmless
+    assert b.totals()["closed"] == b.totals()["created"] == 1
+
+
+async def test_cancel_during_connect_keeps_the_slot(
+    make_broker: MakeBroker, bolt_server: BoltServer
+) -> None:
+    with FaultProxy("127.0.0.1", bolt_port(bolt_server)) as proxy:
+        proxy.delay_handshake(1.0)
+        b = make_broker(uri=proxy.uri, pool_max_size=1, pool_min_size=0)
+        task = asyncio.create_task(b.borrow().__aenter__())
+        await eventually(lambda: bool(b._registry.actors()))
+        actor = b._registry.actors()[0]
+        await eventually(lambda: actor.snapshot()["creating"] == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: actor.snapshot()["available"] == 1, timeout=5)
+        async with b.borrow(timeout=1) as conn:  # the slot was not lost
+            assert await query(conn) == 1
+        assert (await one(b))["created"] == 1
+
+
+async def test_failed_check_and_no_new_driver_gives_the_error(
+    make_broker: MakeBroker, bolt_server: BoltServer
+) -> None:
+    with FaultProxy("127.0.0.1", bolt_port(bolt_server)) as proxy:
+        b = make_broker(
+            uri=proxy.uri,
+            pool_max_size=1,
+            pool_min_size=0,
+            health_check_interval=0.05,
+            connection_timeout=1.0,
+            connection_acquisition_timeout=2.0,
+        )
+        async with b.borrow() as conn:
+            assert await query(conn) == 1
+        proxy.refuse()
+        proxy.reset_all()
+        await asyncio.sleep(0.1)
+        with pytest.raises(neo4j.exceptions.ServiceUnavailable):
+            await b.borrow(timeout=10)
+        stats = await one(b)
+        assert stats["discarded"] == 1 and stats["total"] == 0
+
+
+async def test_driver_returned_after_a_connection_error_is_checked(
+    make_broker: MakeBroker,
+) -> None:
+    checks = 0
+
+    def counting_factory(config: broker.Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+        driver = neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+        verify = driver.verify_connectivity
+
+        async def counted(**kwargs: Any) -> None:
+            nonlocal checks
+            checks += 1
+            await verify(**kwargs)
+
+        driver.verify_connectivity = counted  # type: ignore[method-assign]
+        return driver
+
+    b = make_broker(
+        pool_max_size=1,
+        pool_min_size=0,
+        health_check_interval=None,
+        driver_factory=counting_factory,
+    )
+    seen: list[neo4j.AsyncDriver] = []
+
+    async def fail_inside() -> None:
+        async with b.borrow() as conn:
+            seen.append(conn.driver)
+            raise neo4j.exceptions.SessionExpired("the connection dropped")
+
+    with pytest.raises(neo4j.exceptions.SessionExpired):
+        await fail_inside()
+    assert checks == 1, "verified once, when it was created"
+    actor = b._registry.actors()[0]
+    await eventually(lambda: actor.snapshot()["available"] == 1)
+    assert checks == 2, "verified again after the connection error"
+    async with b.borrow() as conn:
+        assert conn.driver is seen[0], "the check passed: the same driver is reused"
+    assert (await one(b))["discarded"] == 0
+
+
+async def test_timeout_zero_serves_an_idle_driver_or_fails_at_once(
+    make_broker: MakeBroker,
+) -> None:
+    b = make_broker(pool_max_size=1, pool_min_size=0)
+    held = await b.borrow()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BorrowTimeout):
+        await b.borrow(timeout=0)
+    assert asyncio.get_running_loop().time() - started < 0.5
+    await held.release()
+    async with b.borrow(timeout=0) as conn:
+        assert await query(conn) == 1
