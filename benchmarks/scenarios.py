@@ -1,0 +1,497 @@
+"""The four benchmark scenarios. Each returns rows and checks that its work ran.
+
+Every comparison runs its cases side by side in one process, on one server,
+interleaved round by round; the reported figure is the median of the rounds,
+and the ratios between cases are what carries from machine to machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import neo4j
+
+import broker
+from benchmarks.mailboxes import JanusGetBroker, QueueMailboxBroker
+from broker import Broker, Neo4jConnectionConfig, runner
+from broker.testing import BoltServer
+
+
+@dataclass
+class Row:
+    scenario: str
+    case: str
+    value: float
+    unit: str
+    work: int = 0  # operations really done (queries, tasks, pairs, loops)
+    drivers: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Check:
+    name: str
+    ratio: float
+    target: str
+    ok: bool
+
+
+@dataclass
+class Result:
+    rows: list[Row] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+
+def base_config(server: BoltServer, **changes: Any) -> Neo4jConnectionConfig:
+    username, password = server.auth
+    config = Neo4jConnectionConfig(uri=server.uri, username=username, password=password)
+    return config.replace(**changes)
+
+
+def median_rate(samples: list[tuple[int, float]]) -> float:
+    return statistics.median(n / seconds for n, seconds in samples)
+
+
+# -- 1. overhead against hand-managed drivers ---------------------------------
+
+
+async def _hand_managed(
+    config: Neo4jConnectionConfig, concurrency: int, total: int
+) -> tuple[int, float]:
+    """One driver kept by hand for this loop: the best a careful user can do."""
+    async with neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs()) as driver:
+        await asyncio.gather(*(driver.execute_query("RETURN 1") for _ in range(concurrency)))
+        per_worker = total // concurrency
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            for _ in range(per_worker):
+                records, _, _ = await driver.execute_query("RETURN 1 AS one")
+                done += records[0]["one"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done, time.perf_counter() - started
+
+
+async def _through_broker(b: Broker, concurrency: int, total: int) -> tuple[int, float]:
+    async def warm() -> None:
+        async with b.borrow() as conn:
+            await conn.driver.execute_query("RETURN 1")
+
+    await asyncio.gather(*(warm() for _ in range(concurrency)))
+    per_worker = total // concurrency
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for _ in range(per_worker):
+            async with b.borrow() as conn:
+                records, _, _ = await conn.driver.execute_query("RETURN 1 AS one")
+            done += records[0]["one"]
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, time.perf_counter() - started
+
+
+def _run(
+    job: Callable[..., Coroutine[Any, Any, tuple[int, float]]], *args: Any
+) -> tuple[int, float]:
+    """Run one timed job in a new event loop."""
+    return asyncio.run(job(*args))
+
+
+def _pairs_with(kind: type[Broker], config: Neo4jConnectionConfig, *args: Any) -> tuple[int, float]:
+    return asyncio.run(_pairs_broker(kind(config), *args))
+
+
+def _in_threads(threads: int, job: Callable[[], tuple[int, float]]) -> tuple[int, float]:
+    barrier = threading.Barrier(threads)
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait()
+        outcome = job()
+        with lock:
+            results.append(outcome)
+
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(n for n, _ in results), max(s for _, s in results)
+
+
+def overhead(server: BoltServer, quick: bool) -> Result:
+    result = Result()
+    rounds = 2 if quick else 5
+    cases = [
+        ("1 loop, 1 borrower", 1, 1),
+        ("1 loop, 32 borrowers", 1, 32),
+        ("4 threads x 1 loop, 8 each", 4, 8),
+    ]
+    for label, threads, concurrency in cases:
+        total = (64 if quick else 1600) // threads // concurrency * concurrency
+        # As many drivers as borrowers: the same queries in flight on both sides.
+        config = base_config(server, pool_max_size=max(concurrency, 1), pool_min_size=0)
+        hand: list[tuple[int, float]] = []
+        brokered: list[tuple[int, float]] = []
+        created = 0
+        for _ in range(rounds):
+            hand.append(
+                _in_threads(threads, partial(_run, _hand_managed, config, concurrency, total))
+            )
+            b = Broker(config)
+            brokered.append(
+                _in_threads(threads, partial(_run, _through_broker, b, concurrency, total))
+            )
+            created += b.totals()["created"]
+            b.close()
+        expected = threads * total
+        for samples in (hand, brokered):
+            assert all(n == expected for n, _ in samples), (label, samples, expected)
+        hand_rate, broker_rate = median_rate(hand), median_rate(brokered)
+        result.rows.append(
+            Row("overhead", f"{label}: hand-managed driver", hand_rate, "queries/s", expected)
+        )
+        result.rows.append(
+            Row(
+                "overhead",
+                f"{label}: broker",
+                broker_rate,
+                "queries/s",
+                expected,
+                created // rounds,
+            )
+        )
+        ratio = broker_rate / hand_rate
+        result.checks.append(
+            Check(f"overhead, {label}: broker / hand-managed", ratio, ">= 0.95", ratio >= 0.95)
+        )
+    return result
+
+
+# -- 2. Celery-shaped reuse ----------------------------------------------------
+
+
+async def _query_on(driver: neo4j.AsyncDriver) -> int:
+    records, _, _ = await driver.execute_query("RETURN 1 AS one")
+    return int(records[0]["one"])
+
+
+def celery_reuse(server: BoltServer, quick: bool) -> Result:
+    result = Result()
+    threads, tasks = 4, (10 if quick else 500)
+    config = base_config(server, pool_min_size=0, pool_max_size=4)
+    made = 0
+    lock = threading.Lock()
+
+    async def new_driver_task() -> int:
+        nonlocal made
+        async with neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs()) as driver:
+            with lock:
+                made += 1
+            return await _query_on(driver)
+
+    def brokered(b: Broker) -> Callable[[], Coroutine[Any, Any, int]]:
+        async def task() -> int:
+            async with b.borrow() as conn:
+                return await _query_on(conn.driver)
+
+        return task
+
+    def run_tasks(one: Callable[[], int]) -> tuple[int, float]:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(lambda _: one(), range(threads * tasks)))
+        return done, time.perf_counter() - started
+
+    cases: list[tuple[str, Callable[[], tuple[int, float, int]]]] = []
+
+    def case_a() -> tuple[int, float, int]:
+        nonlocal made
+        made = 0
+        done, seconds = run_tasks(lambda: asyncio.run(new_driver_task()))
+        return done, seconds, made
+
+    def case_b() -> tuple[int, float, int]:
+        b = Broker(config)
+        done, seconds = run_tasks(lambda: asyncio.run(brokered(b)()))
+        created = b.totals()["created"]
+        b.close()
+        return done, seconds, created
+
+    def case_c() -> tuple[int, float, int]:
+        b = Broker(config)
+        done, seconds = run_tasks(lambda: broker.run(brokered(b)()))
+        runner.shutdown()
+        created = b.totals()["created"]
+        b.close()
+        return done, seconds, created
+
+    cases = [
+        ("(a) asyncio.run per task, new driver per task", case_a),
+        ("(b) broker, asyncio.run per task", case_b),
+        ("(c) broker, broker.run: a persistent loop per thread", case_c),
+    ]
+    rates: dict[str, float] = {}
+    for label, case in cases:
+        done, seconds, drivers = case()
+        assert done == threads * tasks, (label, done)
+        rates[label] = done / seconds
+        result.rows.append(Row("celery-shaped", label, done / seconds, "tasks/s", done, drivers))
+    ratio = rates[cases[2][0]] / rates[cases[0][0]]
+    result.checks.append(Check("celery-shaped: (c) / (a)", ratio, ">= 3", ratio >= 3.0))
+    return result
+
+
+# -- 3. borrow and return alone ------------------------------------------------
+
+
+async def _pairs_queue(drivers: list[Any], concurrency: int, total: int) -> tuple[int, float]:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for d in drivers:
+        queue.put_nowait(d)
+    per_worker = total // concurrency
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for _ in range(per_worker):
+            d = await queue.get()
+            queue.put_nowait(d)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, time.perf_counter() - started
+
+
+async def _pairs_broker(b: Broker, concurrency: int, total: int, size: int) -> tuple[int, float]:
+    held = [await b.borrow() for _ in range(size)]  # the pool is full and warm
+    for conn in held:
+        await conn.release()
+    per_worker = total // concurrency
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for _ in range(per_worker):
+            conn = await b.borrow()
+            await conn.release()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    await b.aclose()
+    return done, seconds
+
+
+def borrow_return(server: BoltServer, quick: bool) -> Result:
+    result = Result()
+    size = 10
+    config = base_config(server, pool_max_size=size, pool_min_size=0)
+    rounds = 2 if quick else 5
+    for concurrency in (1, 100):
+        total = (200 if quick else 20000) // concurrency * concurrency
+        samples: dict[str, list[tuple[int, float]]] = {}
+        variants: list[tuple[str, Callable[[], tuple[int, float]]]] = [
+            (
+                "asyncio.Queue of drivers (floor)",
+                partial(_run, _pairs_queue, list(range(size)), concurrency, total),
+            ),
+            (
+                "actor, asyncio.Queue mailbox",
+                partial(_pairs_with, QueueMailboxBroker, config, concurrency, total, size),
+            ),
+            (
+                "actor, janus mailbox, parked in get()",
+                partial(_pairs_with, JanusGetBroker, config, concurrency, total, size),
+            ),
+            (
+                "broker (janus mailbox, bell wake-up)",
+                partial(_pairs_with, Broker, config, concurrency, total, size),
+            ),
+        ]
+        for _ in range(rounds):
+            for label, run in variants:
+                samples.setdefault(label, []).append(run())
+        per_pair: dict[str, float] = {}
+        for label, got in samples.items():
+            assert all(n == total for n, _ in got), (label, got)
+            per_pair[label] = statistics.median(s / n for n, s in got) * 1e6
+            result.rows.append(
+                Row(
+                    "borrow+release",
+                    f"{concurrency} borrower(s): {label}",
+                    per_pair[label],
+                    "µs/pair",
+                    total,
+                )
+            )
+        ratio = (
+            per_pair["broker (janus mailbox, bell wake-up)"]
+            / per_pair["actor, asyncio.Queue mailbox"]
+        )
+        result.checks.append(
+            Check(
+                f"borrow+release, {concurrency} borrower(s): broker / asyncio.Queue-mailbox actor",
+                ratio,
+                "<= 3",
+                ratio <= 3.0,
+            )
+        )
+    return result
+
+
+# -- 4. many loops -------------------------------------------------------------
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class _NoIODriver:
+    """A driver that needs no server, to time the actor alone."""
+
+    async def verify_connectivity(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def many_loops(server: BoltServer, quick: bool) -> Result:
+    result = Result()
+    loops, threads = (200 if quick else 10000), 8
+    config = base_config(server, pool_min_size=0, pool_max_size=1)
+    b = Broker(config)
+
+    async def borrow_once(target: Broker) -> int:
+        async with target.borrow():
+            return 1
+
+    def run_loops(count: int, make: Callable[[], Coroutine[Any, Any, int]]) -> tuple[int, float]:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(lambda _: asyncio.run(make()), range(count)))
+        return done, time.perf_counter() - started
+
+    warmup = loops // 10
+    run_loops(warmup, lambda: borrow_once(b))
+    gc.collect()
+    rss_warm, fds_warm = _rss_kib(), _fds()
+    done, seconds = run_loops(loops, lambda: borrow_once(b))
+    gc.collect()
+    rss_after, fds_after = _rss_kib(), _fds()
+    totals = b.totals()
+    live = len(b._registry.actors())
+    b.close()
+    assert done == loops
+    assert totals["created"] == totals["closed"] == loops + warmup, totals
+    result.rows += [
+        Row(
+            "many loops",
+            f"{loops} loops x 1 borrow, {threads} threads",
+            done / seconds,
+            "loops/s",
+            done,
+            totals["created"],
+        ),
+        Row(
+            "many loops",
+            "RSS growth over the run (after a warm-up)",
+            rss_after - rss_warm,
+            "KiB",
+            done,
+        ),
+        Row(
+            "many loops",
+            "open file descriptors before -> after",
+            fds_after - fds_warm,
+            "fds",
+            done,
+            note=f"{fds_warm} -> {fds_after}",
+        ),
+        Row("many loops", "loops left in the registry after gc", live, "loops", done),
+    ]
+    result.checks.append(
+        Check("many loops: registry empty after gc", float(live), "== 0", live == 0)
+    )
+    result.checks.append(
+        Check(
+            "many loops: fds back to baseline",
+            float(fds_after - fds_warm),
+            "<= 2",
+            fds_after - fds_warm <= 2,
+        )
+    )
+    growth = (rss_after - rss_warm) / max(rss_warm, 1)
+    result.checks.append(Check("many loops: RSS growth / RSS", growth, "<= 0.05", growth <= 0.05))
+
+    # The actor alone: start and stop one per loop, against a bare asyncio.run.
+    fake = Broker(config, driver_factory=lambda _: _NoIODriver())  # type: ignore[arg-type,return-value]
+    count = 200 if quick else 3000
+
+    async def nothing() -> int:
+        return 1
+
+    bare: list[tuple[int, float]] = []
+    with_actor: list[tuple[int, float]] = []
+    for _ in range(3):
+        bare.append(run_loops(count, nothing))
+        with_actor.append(run_loops(count, lambda: borrow_once(fake)))
+    fake.close()
+    assert all(n == count for n, _ in bare + with_actor)
+    bare_us = statistics.median(s / n for n, s in bare) * 1e6
+    actor_us = statistics.median(s / n for n, s in with_actor) * 1e6
+    result.rows += [
+        Row("many loops", "asyncio.run, nothing else", bare_us, "µs/loop", count),
+        Row(
+            "many loops",
+            "asyncio.run + actor start, 1 borrow, actor stop (no I/O)",
+            actor_us,
+            "µs/loop",
+            count,
+        ),
+    ]
+    result.checks.append(
+        Check(
+            "many loops: actor per loop / bare asyncio.run", actor_us / bare_us, "(reported)", True
+        )
+    )
+    with contextlib.suppress(Exception):
+        runner.shutdown()
+    return result
+
+
+SCENARIOS: dict[str, Callable[[BoltServer, bool], Result]] = {
+    "overhead": overhead,
+    "celery": celery_reuse,
+    "borrow": borrow_return,
+    "loops": many_loops,
+}
