@@ -28,7 +28,7 @@ unit: install
 test: lint typecheck unit
 
 demo: install
-	$(BIN)/python examples/threads_demo.py
+	$(BIN)/python examples/celery_demo.py
 
 demo-threads: install
 	$(BIN)/python examples/threads_demo.py

@@ -1,0 +1,211 @@
+"""Celery integration: one pool per worker thread, kept across tasks, closed at shutdown.
+
+Install with ``broker[celery]``. In the module that defines the Celery app::
+
+    import broker
+    import broker.celery
+
+    app = Celery("myapp")
+    broker.celery.setup(app)          # or setup(app, Neo4jConnectionConfig(...))
+
+    @broker.celery.task(app)
+    async def ingest(workspace: str) -> int:
+        async with broker.borrow() as conn:
+            db = await conn.prepare_database(workspace)
+            ...
+
+What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
+``prefork``):
+
+- the default broker (``broker.borrow()``) is configured when the worker
+  starts (``worker_init``), again in each prefork child
+  (``worker_process_init``), or lazily before the first task of a process
+  that saw neither; configuring never connects;
+- before each task the task's id and name are bound as structlog context
+  variables (``task_id``, ``task_name``), so every broker event of the task
+  carries them; they are removed after the task, so nothing reaches the next
+  task on the same thread;
+- at shutdown (``worker_shutdown`` in the worker process,
+  ``worker_process_shutdown`` in each prefork child) every loop made by
+  :func:`broker.run` is closed after its pools closed their drivers, then
+  the default broker is closed. A ``celery.pools_closed`` event reports the
+  totals.
+
+``worker_process_init`` alone is not enough: a ``-P threads`` worker never
+sends it. After a fork the child never uses a driver of its parent: the
+broker forgets inherited pools without touching them, and the child gets a
+default broker of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+
+try:
+    from celery import signals
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("broker.celery needs Celery: install broker[celery]") from exc
+
+from broker import default, log, runner
+from broker.config import Neo4jConnectionConfig
+
+__all__ = ["TASK_CONTEXT_KEYS", "close_pools", "disconnect", "setup", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The structlog context variables bound for the duration of each task.
+TASK_CONTEXT_KEYS = ("task_id", "task_name")
+
+_lock = threading.Lock()
+_config: Neo4jConnectionConfig | None = None
+_configured_pid: int | None = None  # the process whose default broker we configured
+
+
+def setup(app: Any, config: Neo4jConnectionConfig | None = None) -> None:
+    """Wire ``app``'s worker lifecycle to the default broker.
+
+    ``config`` configures the default broker when the worker starts. With
+    None, the configuration of a default broker made earlier in the process
+    (``broker.configure(...)``) is kept; without one it is read from the
+    environment (``NEO4J_URI``, ``NEO4J_USERNAME``, ``NEO4J_PASSWORD`` ...).
+    Call it in the app's module, before the worker starts. Calling it again
+    replaces the configuration; the signal handlers are connected once per
+    process.
+    """
+    global _config, _configured_pid
+    if not hasattr(app, "task"):
+        raise TypeError(f"expected a Celery app, got {type(app).__name__}")
+    with _lock:
+        _config = config
+        _configured_pid = None  # the next worker start (or task) configures again
+    for signal, handler in _HANDLERS:
+        signal.connect(handler, weak=False, dispatch_uid=_uid(handler))
+
+
+def disconnect() -> None:
+    """Undo :func:`setup`'s signal wiring (for tests that start workers in-process)."""
+    global _config, _configured_pid
+    for signal, handler in _HANDLERS:
+        signal.disconnect(handler, dispatch_uid=_uid(handler))
+    with _lock:
+        _config = None
+        _configured_pid = None
+
+
+def task(app: Any, **options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Any]:
+    """Register an ``async def`` function as a task of ``app``, run with :func:`broker.run`.
+
+    ``options`` go to ``app.task`` unchanged (``name``, ``bind``, ``acks_late``
+    ...). Each call runs on the worker thread's persistent loop, so the
+    thread's pool is reused by its next tasks.
+    """
+
+    def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Any:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"broker.celery.task expects an 'async def' function, got {fn!r}; "
+                "use app.task for plain functions"
+            )
+
+        @functools.wraps(fn)
+        def run_on_thread_loop(*args: P.args, **kwargs: P.kwargs) -> R:
+            return runner.run(fn(*args, **kwargs))
+
+        return app.task(**options)(run_on_thread_loop)
+
+    return decorate
+
+
+def close_pools(timeout: float | None = None, *, reason: str = "shutdown") -> dict[str, int]:
+    """Close every pool of this process, each in its own loop; return the totals.
+
+    First every loop made by :func:`broker.run` is closed (its actors close
+    their drivers in that loop before it ends), then the default broker is
+    closed (pools of loops that are still running elsewhere are waited for).
+    Call it from a thread without a running loop. The handlers wired by
+    :func:`setup` call it at worker shutdown.
+    """
+    global _configured_pid
+    current = default._default
+    if timeout is None:
+        timeout = current.config.close_timeout if current is not None else 10.0
+    runner.shutdown(timeout)
+    default.close(timeout)
+    totals = current.totals() if current is not None else {}
+    with _lock:
+        _configured_pid = None
+    log.emit(
+        log.INFO,
+        "celery.pools_closed",
+        reason=reason,
+        pid=os.getpid(),
+        live_loops=len(current.stats_sync()) if current is not None else 0,
+        **totals,
+    )
+    return totals
+
+
+# -- signal handlers -----------------------------------------------------------
+
+
+def _uid(handler: Callable[..., None]) -> str:
+    return f"broker.celery.{handler.__name__}"
+
+
+def _configure_once() -> None:
+    """Give this process its default broker, once (never connects)."""
+    global _configured_pid
+    pid = os.getpid()
+    if _configured_pid == pid:
+        return
+    with _lock:
+        if _configured_pid != pid:
+            config = _config
+            if config is None and default._default is not None:
+                config = default._default.config  # made by the app, or inherited
+            default.configure(config)
+            _configured_pid = pid
+
+
+def _on_worker_init(**_: Any) -> None:
+    _configure_once()
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    # A prefork child: the parent's pools were forgotten at fork; start afresh.
+    _configure_once()
+
+
+def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    _configure_once()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+def _on_task_postrun(**_: Any) -> None:
+    structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    close_pools(reason="worker_shutdown")
+
+
+def _on_worker_process_shutdown(**_: Any) -> None:
+    close_pools(reason="worker_process_shutdown")
+
+
+_HANDLERS: tuple[tuple[Any, Callable[..., None]], ...] = (
+    (signals.worker_init, _on_worker_init),
+    (signals.worker_process_init, _on_worker_process_init),
+    (signals.task_prerun, _on_task_prerun),
+    (signals.task_postrun, _on_task_postrun),
+    (signals.worker_shutdown, _on_worker_shutdown),
+    (signals.worker_process_shutdown, _on_worker_process_shutdown),
+)

@@ -1,0 +1,161 @@
+"""Prometheus metrics of the pools: one series per event loop.
+
+Install with ``broker[prometheus]``, then register the collector once per
+process (a Celery worker, a web app)::
+
+    import prometheus_client
+    import broker.prometheus
+
+    broker.prometheus.register()            # the default broker
+    prometheus_client.start_http_server(9100)
+
+Every scrape reads :meth:`broker.Broker.stats_sync` (loops that are parked
+between tasks are read directly, running ones are asked) and exports, with
+``loop`` and ``thread`` labels:
+
+- gauges ``broker_pool_available``, ``broker_pool_in_use``,
+  ``broker_pool_creating``, ``broker_pool_checking``, ``broker_pool_closing``,
+  ``broker_pool_drivers`` (all drivers of the loop), ``broker_pool_waiting``,
+  ``broker_pool_max_size``, ``broker_pool_min_size``,
+  ``broker_pool_responsive``, ``broker_pool_loop_running``;
+- counters ``broker_pool_borrows_total``, ``broker_pool_timeouts_total``,
+  ``broker_pool_cancellations_total``, ``broker_pool_errors_total``,
+  ``broker_pool_drivers_created_total``, ``broker_pool_drivers_closed_total``,
+  ``broker_pool_drivers_discarded_total``.
+
+A loop's series go away when the loop ends. The same counters summed over
+every loop the broker ever served, which never go back, are exported
+without labels (``broker_borrows_total``, ``broker_drivers_created_total``
+...), with the number of live loops in ``broker_loops``.
+
+Under a prefork Celery worker each child process has its own pools, and so
+its own collector to scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+try:
+    from prometheus_client.core import (
+        REGISTRY,
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        Metric,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("broker.prometheus needs prometheus_client: broker[prometheus]") from exc
+
+from broker import default
+from broker.broker import Broker
+
+__all__ = ["BrokerCollector", "register"]
+
+_LABELS = ("loop", "thread")
+
+# stats key -> (metric name without the namespace, help)
+_GAUGES = {
+    "available": ("pool_available", "Idle drivers ready to be borrowed"),
+    "in_use": ("pool_in_use", "Drivers borrowed now"),
+    "creating": ("pool_creating", "Drivers being created"),
+    "checking": ("pool_checking", "Drivers being health-checked"),
+    "closing": ("pool_closing", "Drivers being closed"),
+    "total": ("pool_drivers", "Drivers the pool holds (idle, in use, being created or checked)"),
+    "waiting": ("pool_waiting", "Borrowers waiting for a driver"),
+    "max_size": ("pool_max_size", "Most drivers the pool may hold"),
+    "min_size": ("pool_min_size", "Drivers the pool keeps even when idle"),
+}
+_COUNTERS = {
+    "borrows": ("pool_borrows", "Borrows served"),
+    "timeouts": ("pool_timeouts", "Borrows that timed out"),
+    "cancellations": ("pool_cancellations", "Borrows cancelled while waiting"),
+    "errors": ("pool_errors", "Drivers that could not be created"),
+    "created": ("pool_drivers_created", "Drivers created"),
+    "closed": ("pool_drivers_closed", "Drivers closed"),
+    "discarded": ("pool_drivers_discarded", "Drivers discarded after a failed check"),
+}
+_TOTALS = {
+    "borrows": ("borrows", "Borrows served, over every loop"),
+    "timeouts": ("timeouts", "Borrows that timed out, over every loop"),
+    "cancellations": ("cancellations", "Borrows cancelled while waiting, over every loop"),
+    "errors": ("errors", "Drivers that could not be created, over every loop"),
+    "created": ("drivers_created", "Drivers created, over every loop"),
+    "closed": ("drivers_closed", "Drivers closed, over every loop"),
+    "discarded": ("drivers_discarded", "Drivers discarded, over every loop"),
+}
+
+
+class BrokerCollector:
+    """Exports a broker's per-loop pool counters (the default broker unless given).
+
+    Without ``source`` the current default broker is read at every scrape, so
+    a later :func:`broker.configure` is followed. ``timeout`` bounds how long
+    a scrape waits for a running loop to answer.
+    """
+
+    def __init__(
+        self, source: Broker | None = None, *, namespace: str = "broker", timeout: float = 0.5
+    ) -> None:
+        self._source = source
+        self._namespace = namespace
+        self._timeout = timeout
+
+    def _broker(self) -> Broker:
+        return self._source if self._source is not None else default.get_broker()
+
+    def describe(self) -> list[Metric]:
+        """The metric families, without reading the pools (used at registration)."""
+        return list(self._families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per loop and metric, plus the process-wide totals."""
+        source = self._broker()
+        stats = source.stats_sync(self._timeout)
+        families = self._families()
+        for entry in stats.values():
+            labels = [str(entry.get("loop", "")), str(entry.get("thread", ""))]
+            for key in (*_GAUGES, *_COUNTERS):
+                families[key].add_metric(labels, float(entry.get(key, 0)))
+            for flag in ("responsive", "loop_running"):
+                families[flag].add_metric(labels, 1.0 if entry.get(flag) else 0.0)
+        totals = source.totals()
+        for key in _TOTALS:
+            families[f"all_{key}"].add_metric([], float(totals.get(key, 0)))
+        families["loops"].add_metric([], float(len(stats)))
+        yield from families.values()
+
+    def _families(self) -> dict[str, Any]:
+        ns = self._namespace
+        families: dict[str, Any] = {}
+        for key, (name, text) in _GAUGES.items():
+            families[key] = GaugeMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
+        for key, (name, text) in _COUNTERS.items():
+            families[key] = CounterMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
+        families["responsive"] = GaugeMetricFamily(
+            f"{ns}_pool_responsive",
+            "0 if the loop was running but its pool did not answer the scrape in time",
+            labels=_LABELS,
+        )
+        families["loop_running"] = GaugeMetricFamily(
+            f"{ns}_pool_loop_running",
+            "1 if the loop was running (busy with a task) at the scrape",
+            labels=_LABELS,
+        )
+        for key, (name, text) in _TOTALS.items():
+            families[f"all_{key}"] = CounterMetricFamily(f"{ns}_{name}", text)
+        families["loops"] = GaugeMetricFamily(f"{ns}_loops", "Event loops with a live pool")
+        return families
+
+
+def register(
+    registry: Any = None,
+    source: Broker | None = None,
+    *,
+    namespace: str = "broker",
+    timeout: float = 0.5,
+) -> BrokerCollector:
+    """Make a :class:`BrokerCollector` and register it (default: the global registry)."""
+    collector = BrokerCollector(source, namespace=namespace, timeout=timeout)
+    (registry if registry is not None else REGISTRY).register(collector)
+    return collector

@@ -1,0 +1,1 @@
+"""Runnable examples: ``make demo`` (Celery) and ``make demo-threads``."""

@@ -1,0 +1,123 @@
+"""broker.prometheus: per-loop pool metrics, read from a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import broker
+import broker.prometheus
+from broker import runner
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clean_runner() -> Iterator[None]:
+    yield
+    runner.shutdown(timeout=10)
+
+
+async def query(b: broker.Broker) -> None:
+    async with b.borrow() as conn:
+        records, _, _ = await conn.driver.execute_query("RETURN 1 AS x")
+        assert records[0]["x"] == 1
+
+
+def run_in_thread(name: str, target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    return thread
+
+
+def test_per_loop_gauges_and_counters(
+    bolt_config: broker.Neo4jConnectionConfig, registry: CollectorRegistry, clean_runner: None
+) -> None:
+    b = broker.Broker(bolt_config.replace(pool_min_size=0, pool_max_size=3))
+    broker.prometheus.register(registry, b)
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        async with b.borrow():
+            held.set()
+            await asyncio.to_thread(release.wait, 10)
+
+    def busy() -> None:
+        for _ in range(3):
+            broker.run(query(b))
+        broker.run(hold())
+
+    def quiet() -> None:
+        for _ in range(5):
+            broker.run(query(b))
+
+    threads = [run_in_thread("metrics-busy", busy), run_in_thread("metrics-quiet", quiet)]
+    threads[1].join(30)
+    assert held.wait(30)
+    try:
+        loops = b.stats_sync()
+        by_thread = {entry["thread"]: key for key, entry in loops.items()}
+        busy_labels = {"loop": by_thread["metrics-busy"], "thread": "metrics-busy"}
+        quiet_labels = {"loop": by_thread["metrics-quiet"], "thread": "metrics-quiet"}
+
+        # The busy loop is running (it holds a driver), the quiet one is parked.
+        assert registry.get_sample_value("broker_pool_in_use", busy_labels) == 1
+        assert registry.get_sample_value("broker_pool_loop_running", busy_labels) == 1
+        assert registry.get_sample_value("broker_pool_in_use", quiet_labels) == 0
+        assert registry.get_sample_value("broker_pool_loop_running", quiet_labels) == 0
+        assert registry.get_sample_value("broker_pool_available", quiet_labels) == 1
+        assert registry.get_sample_value("broker_pool_responsive", busy_labels) == 1
+        assert registry.get_sample_value("broker_pool_borrows_total", busy_labels) == 4
+        assert registry.get_sample_value("broker_pool_borrows_total", quiet_labels) == 5
+        assert registry.get_sample_value("broker_pool_drivers_created_total", quiet_labels) == 1
+        assert registry.get_sample_value("broker_pool_max_size", quiet_labels) == 3
+        assert registry.get_sample_value("broker_pool_waiting", busy_labels) == 0
+        assert registry.get_sample_value("broker_loops") == 2
+        assert registry.get_sample_value("broker_borrows_total") == 9
+        assert registry.get_sample_value("broker_drivers_created_total") == 2
+    finally:
+        release.set()
+        threads[0].join(30)
+
+    # The exposition is valid text format, with one series per loop.
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["thread"] for s in families["broker_pool_drivers"].samples} == {
+        "metrics-busy",
+        "metrics-quiet",
+    }
+    assert families["broker_pool_borrows"].type == "counter"
+
+    # Ended loops leave no per-loop series; the totals stay.
+    runner.shutdown(timeout=10)
+    assert registry.get_sample_value("broker_pool_in_use", busy_labels) is None
+    assert registry.get_sample_value("broker_loops") == 0
+    assert registry.get_sample_value("broker_drivers_closed_total") == 2
+    assert registry.get_sample_value("broker_borrows_total") == 9
+    b.close()
+
+
+def test_default_broker_is_followed(
+    bolt_config: broker.Neo4jConnectionConfig, registry: CollectorRegistry, clean_runner: None
+) -> None:
+    collector = broker.prometheus.register(registry, namespace="app")
+    # Registration reads nothing: no pools, no connection.
+    assert [m.name for m in collector.describe()][:2] == ["app_pool_available", "app_pool_in_use"]
+
+    broker.configure(bolt_config.replace(pool_min_size=0))
+    broker.run(query(broker.get_broker()))
+    assert registry.get_sample_value("app_borrows_total") == 1
+
+    broker.configure(bolt_config.replace(pool_min_size=0))  # a new default: counted afresh
+    assert registry.get_sample_value("app_borrows_total") == 0
+    broker.run(query(broker.get_broker()))
+    assert registry.get_sample_value("app_borrows_total") == 1
+    assert registry.get_sample_value("app_loops") == 1
