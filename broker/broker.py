@@ -258,9 +258,11 @@ class Broker:
         return posted
 
     def _after_fork(self) -> None:
-        # The parent's loops, drivers and sockets are not ours to use or close.
+        # The parent's loops, drivers and sockets are not ours to use or close,
+        # and its counters are not this process's.
         self._registry.forget_all()
         self._retired_lock = threading.Lock()
+        self._retired = dict.fromkeys(_COUNTERS, 0)
 
 
 def _set_once(
