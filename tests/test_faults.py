@@ -55,6 +55,17 @@ def bolt_port(server: BoltServer) -> int:
     return int(server.uri.rsplit(":", 1)[1])
 
 
+def summary(name: str, outcomes: list[Any], since: float | None = None) -> None:
+    """One line of figures for docs/reliability.md (shown with pytest -s)."""
+    ok = sum(1 for o in outcomes if o.error is None)
+    recovered = recovery_seconds(outcomes, since) if since is not None else None
+    back = f", recovered {recovered:.2f} s after the fault ended" if recovered is not None else ""
+    print(
+        f"\n{name}: {len(outcomes)} attempts, {ok} ok, errors {dict(errors_by_type(outcomes))}, "
+        f"longest {max(o.seconds for o in outcomes):.2f} s{back}"
+    )
+
+
 def assert_only_expected_errors(outcomes: list[Any]) -> None:
     assert cross_loop_errors(outcomes) == []
     unexpected = {e: n for e, n in errors_by_type(outcomes).items() if e not in EXPECTED}
@@ -73,6 +84,7 @@ async def test_server_killed_and_restarted_mid_load(restartable_server: Embedded
     back = time.monotonic()
     await asyncio.sleep(6.0)
     outcomes = load.stop()
+    summary("kill -9 and restart", outcomes, back)
 
     assert_only_expected_errors(outcomes)
     assert errors_by_type(outcomes), "the outage was felt"
@@ -103,6 +115,7 @@ async def test_blackhole_ends_in_errors_within_timeouts(bolt_server: BoltServer)
         back = time.monotonic()
         await asyncio.sleep(3.0)
         outcomes = load.stop(timeout=15)
+        summary("blackhole", outcomes, back)
 
         assert_only_expected_errors(outcomes)
         # An attempt lasts at most borrow_timeout + query timeout (2 s): one that
@@ -144,6 +157,7 @@ async def test_resets_during_queries(bolt_server: BoltServer) -> None:
         await asyncio.gather(*workers)
         await asyncio.sleep(2.0)
         outcomes = load.stop()
+        summary(f"resets ({resets} connections reset)", outcomes, last_reset)
 
         assert resets > 0, "connections were really reset"
         assert_only_expected_errors(outcomes)
@@ -198,6 +212,10 @@ async def test_slow_handshakes_do_not_stall_other_borrowers(bolt_server: BoltSer
         await asyncio.gather(*workers)
         outcomes = load.stop()
 
+        print(
+            f"\nslow handshakes: {served_during} borrows served in 1 s while a driver was "
+            f"being created; stats answered in {stats_latency * 1000:.1f} ms"
+        )
         assert still_creating, "the window measured was inside the slow creation"
         assert served_during >= 10, f"only {served_during} borrows served during the creation"
         assert stats_latency < 0.5
