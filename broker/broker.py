@@ -241,18 +241,13 @@ class Broker:
             log.emit(log.INFO, "broker.closing", loops=len(actors), timeout=timeout)
         posted: list[tuple[Actor, asyncio.Future[None] | concurrent.futures.Future[None]]] = []
         for actor in actors:
+            mine = here is not None and actor.loop is here
             done: asyncio.Future[None] | concurrent.futures.Future[None]
-            if actor.loop is here:
-                assert here is not None
-                done = here.create_future()
-                delivered = actor.post(
-                    Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
-                )
-            else:
-                done = concurrent.futures.Future()
-                delivered = actor.post_threadsafe(
-                    Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
-                )
+            done = (
+                here.create_future() if here is not None and mine else concurrent.futures.Future()
+            )
+            message = Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
+            delivered = actor.post(message) if mine else actor.post_threadsafe(message)
             if delivered:
                 posted.append((actor, done))
         return posted

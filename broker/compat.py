@@ -65,7 +65,6 @@ class GlobalNeo4jConnectionPool:
 
     async def get_pool(self) -> LoopConnectionPool:
         """The current event loop's pool."""
-        asyncio.get_running_loop()
         actor = default.get_broker()._actor_for(asyncio.get_running_loop())
         return LoopConnectionPool(actor.key)
 

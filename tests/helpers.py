@@ -6,6 +6,13 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from broker.testing import BoltServer
+
+
+def bolt_port(server: BoltServer) -> int:
+    """The port of the server's Bolt URI."""
+    return int(server.uri.rsplit(":", 1)[1])
+
 
 async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Wait (letting the loop run) until ``check()`` holds; fail after ``timeout``."""

@@ -16,13 +16,9 @@ from broker import BorrowTimeout, Broker, BrokerClosed, BrokerError
 from broker.testing import BoltServer
 from broker.testing.faults import FaultProxy
 from broker.testing.sockets import open_connections
-from tests.helpers import eventually, eventually_sync
+from tests.helpers import bolt_port, eventually, eventually_sync
 
 MakeBroker = Callable[..., Broker]
-
-
-def bolt_port(server: BoltServer) -> int:
-    return int(server.uri.rsplit(":", 1)[1])
 
 
 async def one(b: Broker) -> dict[str, Any]:

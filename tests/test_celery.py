@@ -36,6 +36,7 @@ from broker.testing import BoltServer
 from broker.testing.sockets import open_connections
 from examples.celery_config import DIR_ENV, celery_settings
 from examples.celery_demo import ROOT, Worker
+from tests.helpers import bolt_port
 
 pytestmark = pytest.mark.celery
 
@@ -53,29 +54,6 @@ BAD_OUTPUT = (
     "Event loop is closed",
     "Traceback",
 )
-
-
-def port_of(server: BoltServer) -> int:
-    return int(server.uri.rsplit(":", 1)[1])
-
-
-def connections_of(pid: int, port: int) -> int:
-    """Established TCP connections of process ``pid`` to ``port`` (Linux /proc)."""
-    inodes = set()
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(entry)
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                if remote_port == port and fields[3] == "01" and fields[9] in inodes:
-                    count += 1
-    return count
 
 
 # -- running a worker ------------------------------------------------------------
@@ -195,8 +173,8 @@ def threads_scenario(bolt_server: BoltServer) -> ThreadsScenario:
     tag = uuid.uuid4().hex[:8]
     workspaces = [f"celery-{tag}-{k}" for k in range(4)]
     with celery_worker(bolt_server, "threads") as live:
-        pid, port = live.worker.proc.pid, port_of(bolt_server)
-        at_start = connections_of(pid, port)
+        pid, port = live.worker.proc.pid, bolt_port(bolt_server)
+        at_start = open_connections(port, pid=pid)
         sent: list[tuple[str, Any]] = []
         for n in range(INGESTS):
             args = (workspaces[n % len(workspaces)], f"doc-{tag}-{n}")
@@ -212,7 +190,7 @@ def threads_scenario(bolt_server: BoltServer) -> ThreadsScenario:
         ]
         probes = [value for (kind, _), value in zip(sent, values, strict=True) if kind == "probe"]
         stats = live.call("examples.worker_stats")
-        after_tasks = connections_of(pid, port)
+        after_tasks = open_connections(port, pid=pid)
         # The asyncio.run pattern, a few times: a new pool per task, closed with its loop.
         fresh = []
         for _ in range(3):
@@ -464,13 +442,13 @@ async def query_once() -> int:
 def test_worker_start_configures_without_connecting(
     wired_app: Celery, bolt_config: broker.Neo4jConnectionConfig, bolt_server: BoltServer
 ) -> None:
-    before = open_connections(port_of(bolt_server))
+    before = open_connections(bolt_port(bolt_server))
     signals.worker_init.send(sender=None)
     current = broker.get_broker()
     assert current.config.uri == bolt_config.uri
     assert current.config.pool_max_size == 2
     assert broker.stats_sync() == {}
-    assert open_connections(port_of(bolt_server)) == before
+    assert open_connections(bolt_port(bolt_server)) == before
     # A second start in the same process keeps the same default broker.
     signals.worker_process_init.send(sender=None)
     assert broker.get_broker() is current
@@ -510,21 +488,21 @@ def test_prerun_binds_the_task_and_postrun_removes_it(wired_app: Celery) -> None
 def test_shutdown_signal_closes_every_pool_in_its_own_loop(
     wired_app: Celery, bolt_server: BoltServer, signal: str
 ) -> None:
-    before = open_connections(port_of(bolt_server))
+    before = open_connections(bolt_port(bolt_server))
     signals.worker_init.send(sender=None)
     with ThreadPoolExecutor(3) as pool:
         loops = list(pool.map(lambda _: broker.run(query_once()), range(9)))
     assert 1 <= len(set(loops)) <= 3
     created = broker.totals()["created"]
     assert created >= 1
-    assert open_connections(port_of(bolt_server)) > before
+    assert open_connections(bolt_port(bolt_server)) > before
 
     getattr(signals, signal).send(sender=None)
 
     assert broker.get_broker().closed
     assert broker.totals()["closed"] == created
     assert broker.stats_sync() == {}
-    assert open_connections(port_of(bolt_server)) == before
+    assert open_connections(bolt_port(bolt_server)) == before
 
 
 def test_task_decorator_runs_on_the_threads_persistent_loop(wired_app: Celery) -> None:

@@ -18,7 +18,7 @@ import pytest
 from broker import Broker, Neo4jConnectionConfig
 from broker.testing import BoltServer, EmbeddedServer
 from broker.testing.faults import FaultProxy
-from tests.helpers import eventually
+from tests.helpers import bolt_port, eventually
 from tests.load import Load, cross_loop_errors, errors_by_type, recovery_seconds
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,6 @@ def config_for(uri: str, auth: tuple[str, str], **changes: Any) -> Neo4jConnecti
     return Neo4jConnectionConfig(uri=uri, username=auth[0], password=auth[1]).replace(
         **{**FAST_FAIL, **changes}
     )
-
-
-def bolt_port(server: BoltServer) -> int:
-    return int(server.uri.rsplit(":", 1)[1])
 
 
 def summary(name: str, outcomes: list[Any], since: float | None = None) -> None:

@@ -19,16 +19,12 @@ from broker import Broker, BrokerClosed, Connection, Neo4jConnectionConfig
 from broker.broker import default_driver_factory
 from broker.testing import BoltServer
 from broker.testing.sockets import open_connections
-from tests.helpers import eventually_sync
+from tests.helpers import bolt_port, eventually_sync
 from tests.load import CROSS_LOOP, Load, cross_loop_errors, errors_by_type
 
 pytestmark = pytest.mark.slow
 
 THREADS, LOOPS, BORROWERS = 16, 200, 20
-
-
-def bolt_port(server: BoltServer) -> int:
-    return int(server.uri.rsplit(":", 1)[1])
 
 
 class Recorder:

@@ -14,7 +14,7 @@ import broker
 from broker import runner
 from broker.testing import BoltServer
 from broker.testing.sockets import open_connections
-from tests.helpers import eventually_sync
+from tests.helpers import bolt_port, eventually_sync
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -23,10 +23,6 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 def clean_runner() -> Any:
     yield
     runner.shutdown(timeout=10)
-
-
-def port_of(server: BoltServer) -> int:
-    return int(server.uri.rsplit(":", 1)[1])
 
 
 async def driver_id(b: broker.Broker) -> int:
@@ -49,7 +45,7 @@ def test_one_loop_and_one_pool_per_thread(
     runner.shutdown(timeout=10)
     assert b.stats_sync() == {}, "every thread's loop closed its pool"
     assert b.totals()["closed"] == b.totals()["created"]
-    eventually_sync(lambda: open_connections(port_of(bolt_server)) == 0)
+    eventually_sync(lambda: open_connections(bolt_port(bolt_server)) == 0)
     b.close()
 
 

@@ -1,4 +1,4 @@
-"""Count this process's open TCP connections to a port (Linux ``/proc``).
+"""Count a process's open TCP connections to a port (Linux ``/proc``).
 
 Tests use it to prove that closing a pool really closed the driver's sockets.
 """
@@ -14,9 +14,9 @@ __all__ = ["open_connections"]
 _LIVE_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}  # established ... closing
 
 
-def _socket_inodes() -> set[str]:
+def _socket_inodes(pid: int | None) -> set[str]:
     inodes = set()
-    fd_dir = Path("/proc/self/fd")
+    fd_dir = Path(f"/proc/{'self' if pid is None else pid}/fd")
     for entry in fd_dir.iterdir():
         try:
             target = os.readlink(entry)
@@ -27,9 +27,9 @@ def _socket_inodes() -> set[str]:
     return inodes
 
 
-def open_connections(port: int) -> int:
-    """How many sockets of this process are connected to ``port`` (any address)."""
-    mine = _socket_inodes()
+def open_connections(port: int, pid: int | None = None) -> int:
+    """How many sockets of this process (or of ``pid``) are connected to ``port``."""
+    mine = _socket_inodes(pid)
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
