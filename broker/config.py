@@ -2,7 +2,8 @@
 
 The field names and defaults of the seed design are kept, so code written for
 it keeps working; the pool's own knobs (timeouts, health checks, lifetimes)
-are added with defaults a service can run on.
+are added with defaults a service can run on. As in the seed, a field left
+out takes its value from the environment (``NEO4J_URI`` ...) when set there.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 if TYPE_CHECKING:
     from neo4j import AsyncDriver
 
-__all__ = ["SUPPORTED_SCHEMES", "DatabasePreparer", "Neo4jConnectionConfig", "redact_uri"]
+__all__ = [
+    "SEED_INDEXES",
+    "SUPPORTED_SCHEMES",
+    "DatabasePreparer",
+    "IndexSpec",
+    "Neo4jConnectionConfig",
+    "redact_uri",
+]
+
+T = TypeVar("T")
 
 #: URI schemes of the Bolt drivers (direct and routing, plain and TLS).
 SUPPORTED_SCHEMES = frozenset({"bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"})
@@ -39,6 +49,40 @@ _OWNED_DRIVER_OPTIONS = frozenset(
 )
 
 _ENV_PREFIX = "NEO4J_"
+
+#: ``(label, property)``: an index to ensure in each workspace's database. A
+#: label of None stands for the workspace's own name used as a label.
+IndexSpec = tuple[str | None, str]
+
+#: The seed's schema: one index on ``:base(entity_id)``, the label and
+#: property every query of its graph storage matches on.
+SEED_INDEXES: tuple[IndexSpec, ...] = (("base", "entity_id"),)
+
+# Fields read from the environment, with the value used when it is not set.
+_BUILT_IN: dict[str, Any] = {}
+_CREDENTIALS = frozenset({"username", "password"})
+
+
+class _NotGiven(str):
+    """A credential from the environment or the defaults, not from the caller.
+
+    Credentials embedded in the URI win over these, never over arguments.
+    """
+
+    __slots__ = ()
+
+
+def _env(name: str, default: T) -> T:
+    """A field whose default is ``NEO4J_<NAME>`` when set, else ``default``."""
+    _BUILT_IN[name] = default
+    made: T = field(default_factory=lambda: _env_value(name, os.environ))
+    return made
+
+
+def _env_value(name: str, environ: Mapping[str, str]) -> Any:
+    raw = environ.get(_ENV_PREFIX + name.upper())
+    value = _BUILT_IN[name] if raw is None or raw == "" else _parse_env(name, raw)
+    return _NotGiven(value) if name in _CREDENTIALS else value
 
 
 def redact_uri(uri: str) -> str:
@@ -81,37 +125,44 @@ class Neo4jConnectionConfig:
     most ``pool_max_size`` drivers. Durations are in seconds; ``None`` turns
     the matching maintenance off.
 
+    As in the seed, a field that is not given takes its value from the
+    environment, read the way :meth:`from_env` reads it (``NEO4J_URI``,
+    ``NEO4J_PASSWORD``, ``NEO4J_POOL_MAX_SIZE`` ...); arguments always win.
+
     Credentials embedded in the URI (``bolt://user:pass@host``) are taken out
     of it and used when no password is given. The password never appears in
     the repr, in an error or in a log line.
     """
 
-    uri: str = "neo4j://localhost:7687"
-    username: str = "neo4j"
-    password: str = field(default="", compare=True)
+    uri: str = _env("uri", "neo4j://localhost:7687")
+    username: str = _env("username", "neo4j")
+    password: str = _env("password", "")
     #: Sockets inside one driver (the driver's own pool).
-    max_connection_pool_size: int = 50
-    connection_timeout: float = 30.0
-    connection_acquisition_timeout: float = 30.0
-    max_transaction_retry_time: float = 30.0
+    max_connection_pool_size: int = _env("max_connection_pool_size", 50)
+    connection_timeout: float = _env("connection_timeout", 30.0)
+    connection_acquisition_timeout: float = _env("connection_acquisition_timeout", 30.0)
+    max_transaction_retry_time: float = _env("max_transaction_retry_time", 30.0)
     #: Drivers per event loop: in use, idle and being created together.
-    pool_max_size: int = 10
+    pool_max_size: int = _env("pool_max_size", 10)
     #: Drivers each loop keeps ready once it has started.
-    pool_min_size: int = 2
+    pool_min_size: int = _env("pool_min_size", 2)
     #: How long ``borrow()`` waits for a driver unless told otherwise.
-    borrow_timeout: float = 30.0
+    borrow_timeout: float = _env("borrow_timeout", 30.0)
     #: A driver idle longer than this is verified before it is handed out.
-    health_check_interval: float | None = 60.0
+    health_check_interval: float | None = _env("health_check_interval", 60.0)
     #: How long one health check may take before the driver is discarded.
-    health_check_timeout: float = 10.0
+    health_check_timeout: float = _env("health_check_timeout", 10.0)
     #: Drivers older than this are closed when they come back.
-    max_lifetime: float | None = 3600.0
+    max_lifetime: float | None = _env("max_lifetime", 3600.0)
     #: Idle drivers above ``pool_min_size`` are closed after this long.
-    max_idle_time: float | None = 600.0
+    max_idle_time: float | None = _env("max_idle_time", 600.0)
     #: How long a closing pool waits for drivers still in use.
-    close_timeout: float = 10.0
-    #: Database for workspaces that get no database of their own.
-    database: str | None = None
+    close_timeout: float = _env("close_timeout", 10.0)
+    #: The database of every workspace; None: one per workspace where the
+    #: server can create it, else the server's default.
+    database: str | None = _env("database", None)
+    #: Indexes each workspace's preparation ensures (see ``IndexSpec``).
+    indexes: tuple[IndexSpec, ...] = SEED_INDEXES
     #: Replaces the default workspace preparation (see ``broker.workspace``).
     database_preparer: DatabasePreparer | None = field(default=None, compare=False)
     #: Other ``neo4j.AsyncGraphDatabase.driver`` options, passed unchanged.
@@ -153,6 +204,7 @@ class Neo4jConnectionConfig:
         _check_duration("max_idle_time", self.max_idle_time, True, False)
         if self.database is not None and (not isinstance(self.database, str) or not self.database):
             raise ValueError("database must be a non-empty string or None")
+        object.__setattr__(self, "indexes", _check_indexes(self.indexes))
         if self.database_preparer is not None and not callable(self.database_preparer):
             raise ValueError("database_preparer must be an async callable (driver, workspace)")
         if not isinstance(self.driver_options, Mapping):
@@ -183,10 +235,14 @@ class Neo4jConnectionConfig:
         bare, user, password = _split_userinfo(self.uri)
         if bare != self.uri:
             object.__setattr__(self, "uri", bare)
-            if not self.password:
+            if isinstance(self.password, _NotGiven) or not self.password:
                 if user:
                     object.__setattr__(self, "username", user)
                 object.__setattr__(self, "password", password or "")
+        for name in _CREDENTIALS:
+            value = getattr(self, name)
+            if isinstance(value, _NotGiven):
+                object.__setattr__(self, name, str(value))
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -220,17 +276,12 @@ class Neo4jConnectionConfig:
         ``NEO4J_DATABASE`` and ``NEO4J_<FIELD>`` for each numeric field
         (``NEO4J_POOL_MAX_SIZE``, ``NEO4J_BORROW_TIMEOUT`` ...).
 
-        Keyword arguments win over the environment.
+        ``Neo4jConnectionConfig()`` reads the same variables; this form also
+        takes another mapping than ``os.environ``. Keyword arguments win over
+        the environment.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in overrides or f.name in {"database_preparer", "driver_options"}:
-                continue
-            raw = env.get(_ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse_env(f.name, raw)
+        values = {name: _env_value(name, env) for name in _BUILT_IN if name not in overrides}
         values.update(overrides)
         return cls(**values)
 
@@ -252,6 +303,26 @@ def _parse_env(name: str, raw: str) -> Any:
     except ValueError:
         kind = "an integer" if name in _INT_FIELDS else "a number"
         raise ValueError(f"{variable} must be {kind}, got {text!r}") from None
+
+
+def _check_indexes(indexes: Any) -> tuple[IndexSpec, ...]:
+    message = (
+        "indexes must be a sequence of (label, property) pairs of non-empty strings; "
+        "a label of None stands for the workspace's own label"
+    )
+    if isinstance(indexes, str | bytes) or not isinstance(indexes, tuple | list):
+        raise ValueError(message)
+    checked: list[IndexSpec] = []
+    for pair in indexes:
+        if isinstance(pair, str | bytes) or not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(f"{message}, got {pair!r}")
+        label, prop = pair
+        if not (label is None or (isinstance(label, str) and label)):
+            raise ValueError(f"{message}, got {pair!r}")
+        if not isinstance(prop, str) or not prop:
+            raise ValueError(f"{message}, got {pair!r}")
+        checked.append((label, prop))
+    return tuple(checked)
 
 
 def _check_duration(name: str, value: Any, allow_none: bool, allow_zero: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -14,7 +15,16 @@ SECRET = PLANTED_SECRETS[1]
 URI_SECRET = PLANTED_SECRETS[0]
 
 
-def test_seed_fields_and_defaults() -> None:
+@pytest.fixture
+def no_neo4j_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment without any NEO4J_* variable (the suite may run with them set)."""
+    for name in list(os.environ):
+        if name.startswith("NEO4J_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_seed_fields_and_defaults(no_neo4j_env: pytest.MonkeyPatch) -> None:
     config = Neo4jConnectionConfig()
     assert config.uri == "neo4j://localhost:7687"
     assert config.username == "neo4j"
@@ -24,6 +34,75 @@ def test_seed_fields_and_defaults() -> None:
     assert config.max_transaction_retry_time == 30.0
     assert config.pool_max_size == 10
     assert config.pool_min_size == 2
+    assert config.password == ""
+    assert config.database is None
+    assert config.indexes == (("base", "entity_id"),)
+
+
+def test_no_arguments_read_the_environment(no_neo4j_env: pytest.MonkeyPatch) -> None:
+    """As in the seed: Neo4jConnectionConfig() takes NEO4J_URI and the rest."""
+    no_neo4j_env.setenv("NEO4J_URI", "bolt://env-host:7688")
+    no_neo4j_env.setenv("NEO4J_USERNAME", "env-user")
+    no_neo4j_env.setenv("NEO4J_PASSWORD", SECRET)
+    no_neo4j_env.setenv("NEO4J_DATABASE", "env-db")
+    no_neo4j_env.setenv("NEO4J_POOL_MAX_SIZE", "4")
+    config = Neo4jConnectionConfig()
+    assert config.uri == "bolt://env-host:7688"
+    assert (config.username, config.password, config.database) == ("env-user", SECRET, "env-db")
+    assert config.pool_max_size == 4
+    assert config == Neo4jConnectionConfig.from_env()
+    assert SECRET not in repr(config)
+    # Arguments win, field by field.
+    explicit = Neo4jConnectionConfig(uri="neo4j://arg-host", pool_max_size=6, database=None)
+    assert (explicit.uri, explicit.pool_max_size, explicit.database) == (
+        "neo4j://arg-host",
+        6,
+        None,
+    )
+    assert (explicit.username, explicit.password) == ("env-user", SECRET)
+    # replace() keeps what the config holds, even once the environment changed.
+    no_neo4j_env.setenv("NEO4J_URI", "bolt://other-host:7687")
+    no_neo4j_env.setenv("NEO4J_POOL_MAX_SIZE", "9")
+    changed = config.replace(pool_min_size=1)
+    assert (changed.uri, changed.pool_max_size, changed.pool_min_size) == (
+        "bolt://env-host:7688",
+        4,
+        1,
+    )
+    # from_env() with a mapping of its own reads only that mapping.
+    assert Neo4jConnectionConfig.from_env({}).uri == "neo4j://localhost:7687"
+    assert Neo4jConnectionConfig.from_env({}).password == ""
+
+
+def test_environment_errors_name_the_variable(no_neo4j_env: pytest.MonkeyPatch) -> None:
+    no_neo4j_env.setenv("NEO4J_POOL_MAX_SIZE", "ten")
+    with pytest.raises(ValueError, match="NEO4J_POOL_MAX_SIZE must be an integer"):
+        Neo4jConnectionConfig()
+    assert Neo4jConnectionConfig(pool_max_size=3).pool_max_size == 3, "an argument wins"
+
+
+def test_uri_credentials_beat_the_environments_not_arguments(
+    no_neo4j_env: pytest.MonkeyPatch,
+) -> None:
+    no_neo4j_env.setenv("NEO4J_USERNAME", "env-user")
+    no_neo4j_env.setenv("NEO4J_PASSWORD", "env-password")
+    in_uri = Neo4jConnectionConfig(uri=f"bolt://alice:{URI_SECRET}@db.example:7687")
+    assert (in_uri.username, in_uri.password) == ("alice", URI_SECRET)
+    assert type(in_uri.password) is str and type(in_uri.username) is str
+    given = Neo4jConnectionConfig(
+        uri=f"bolt://alice:{URI_SECRET}@db.example:7687", username="carol", password=SECRET
+    )
+    assert (given.username, given.password) == ("carol", SECRET)
+    plain = Neo4jConnectionConfig(uri="bolt://db.example:7687")
+    assert (plain.username, plain.password) == ("env-user", "env-password")
+    assert type(plain.password) is str
+
+
+def test_indexes_are_label_property_pairs() -> None:
+    config = Neo4jConnectionConfig(indexes=[["base", "entity_id"], (None, "entity_id")])
+    assert config.indexes == (("base", "entity_id"), (None, "entity_id"))
+    assert Neo4jConnectionConfig(indexes=()).indexes == ()
+    hash(config)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +130,11 @@ def test_seed_fields_and_defaults() -> None:
         ({"driver_options": {"auth": ("a", "b")}}, "driver_options may not set auth"),
         ({"driver_options": {"max_connection_pool_size": 3}}, "may not set max_connection"),
         ({"database_preparer": "not callable"}, "database_preparer must be"),
+        ({"indexes": "base.entity_id"}, "indexes must be a sequence of"),
+        ({"indexes": [("base",)]}, r"\(label, property\) pairs .* got \('base',\)"),
+        ({"indexes": [("", "entity_id")]}, "non-empty strings"),
+        ({"indexes": [("base", None)]}, "non-empty strings"),
+        ({"indexes": ["base"]}, "got 'base'"),
     ],
 )
 def test_invalid_values_raise_value_error(changes: dict[str, Any], message: str) -> None:
