@@ -58,7 +58,7 @@ class Broker:
         self._retired_lock = threading.Lock()
         preparer = self.config.database_preparer
         self._preparer = preparer or functools.partial(
-            prepare_workspace, fallback_database=self.config.database
+            prepare_workspace, database=self.config.database, indexes=self.config.indexes
         )
         _brokers.add(self)
 

@@ -210,7 +210,7 @@ async def test_hostile_workspace_cannot_inject_cypher(
         await driver.execute_query(quoted, database_=victim)  # type: ignore[arg-type]
         assert await canaries(victim) == 3
 
-    b2 = make_broker(pool_min_size=0, database=victim)
+    b2 = make_broker(pool_min_size=0, database=victim, indexes=((None, "entity_id"),))
     async with b2.borrow() as conn:
         database = await conn.prepare_database(DROPPER)
         assert database == victim, "no CREATE DATABASE here: the configured database"
@@ -221,15 +221,19 @@ async def test_hostile_workspace_cannot_inject_cypher(
         assert [DROPPER] in [r["labelsOrTypes"] for r in records], "indexed under its literal name"
 
 
-def test_database_names_are_valid_and_distinct() -> None:
+def test_database_names_are_the_seeds_where_valid_else_distinct() -> None:
+    seed_valid = {"ws-1": "ws-1", "WS-1": "ws-1", "ws 1": "ws-1", "ws_1": "ws-1", "Ws.x": "ws-x"}
+    for workspace, name in seed_valid.items():
+        assert database_name(workspace) == name, "named as the seed named it"
     names = {
         ws: database_name(ws)
-        for ws in ["ws-1", "WS-1", "ws 1", "ws_1", "工作区", "1abc", "a", "x" * 200, DROPPER]
+        for ws in ["工作区", "1abc", "a", "x" * 200, "system", "System-1", "_x", DROPPER]
     }
     for workspace, name in names.items():
         assert re.fullmatch(r"[a-z][a-z0-9-]{2,62}", name), (workspace, name)
-    assert names["ws-1"] == "ws-1", "a valid name is kept as it is"
+        assert not name.startswith("system"), "reserved by Neo4j"
     assert len(set(names.values())) == len(names), "distinct workspaces, distinct databases"
+    assert set(names.values()).isdisjoint(seed_valid.values())
 
 
 async def test_custom_preparer_is_used(make_broker: MakeBroker, bolt_server: BoltServer) -> None:

@@ -437,7 +437,7 @@ async def test_workspace_database_is_prepared_once_per_broker(
         records, _, _ = await conn.driver.execute_query(
             "SHOW INDEXES YIELD labelsOrTypes, properties", database_=database
         )
-    assert any(r["labelsOrTypes"] == ["ws-1"] and r["properties"] == ["entity_id"] for r in records)
+    assert any(r["labelsOrTypes"] == ["base"] and r["properties"] == ["entity_id"] for r in records)
 
 
 async def test_failed_preparation_is_not_cached(make_broker: MakeBroker) -> None:
