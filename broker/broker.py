@@ -141,11 +141,16 @@ class Broker:
 
     # -- stats -----------------------------------------------------------------
 
-    async def stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    async def stats(
+        self, timeout: float = 1.0, *, ask_others: bool = True
+    ) -> dict[str, dict[str, Any]]:
         """Counters of every live loop's pool, by loop key (call inside a loop).
 
         A loop that does not answer within ``timeout`` seconds is reported
-        with ``responsive: False`` and counters read without its actor.
+        with ``responsive: False`` and counters read without its actor. With
+        ``ask_others=False`` only this loop's actor is asked; other running
+        loops are read as they stand (``responsive: False``), so a busy loop
+        never delays the answer.
         """
         here = asyncio.get_running_loop()
         pending: dict[Actor, asyncio.Future[dict[str, Any]]] = {}
@@ -154,41 +159,50 @@ class Broker:
                 own: asyncio.Future[dict[str, Any]] = here.create_future()
                 if actor.post(StatsRequest(functools.partial(_set_once, own))):
                     pending[actor] = own
-            elif actor.loop.is_running():
+            elif ask_others and actor.loop.is_running():
                 other: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
                 if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, other))):
                     pending[actor] = asyncio.wrap_future(other)
         if pending:
             await asyncio.wait(pending.values(), timeout=timeout)
-        return self._collect(pending)
+        return self._collect(pending, here)
 
-    def stats_sync(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
-        """:meth:`stats` for any thread, with or without a running loop."""
+    def stats_sync(
+        self, timeout: float = 1.0, *, ask_others: bool = True
+    ) -> dict[str, dict[str, Any]]:
+        """:meth:`stats` for any thread, with or without a running loop.
+
+        With ``ask_others=False`` no actor is asked and nothing waits.
+        """
         here = asyncio._get_running_loop()
         pending: dict[Actor, concurrent.futures.Future[dict[str, Any]]] = {}
         for actor in self._registry.actors():
-            if actor.loop is here or not actor.loop.is_running():
+            if not ask_others or actor.loop is here or not actor.loop.is_running():
                 continue  # cannot answer while we hold its thread, or while parked
             asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
             if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, asked))):
                 pending[actor] = asked
         if pending:
             concurrent.futures.wait(pending.values(), timeout=timeout)
-        return self._collect(pending)
+        return self._collect(pending, here)
 
-    def _collect(self, answers: dict[Actor, Any]) -> dict[str, dict[str, Any]]:
+    def _collect(
+        self, answers: dict[Actor, Any], here: asyncio.AbstractEventLoop | None
+    ) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = {}
         for actor in self._registry.actors():
             answer = answers.get(actor)
+            running = actor.loop.is_running()
             if answer is not None and answer.done() and not answer.cancelled():
                 entry = dict(answer.result())
                 entry["responsive"] = True
             else:
-                # Not asked (its loop is not running, or it is ours and we block
-                # it) or no answer in time: read the counters directly.
+                # Not asked (its loop is parked, or it is ours and we block it,
+                # or we chose not to) or no answer in time: read the counters.
                 entry = actor.snapshot()
-                entry["responsive"] = answer is None
-            entry["loop_running"] = actor.loop.is_running()
+                entry["responsive"] = answer is None and (actor.loop is here or not running)
+            entry["loop_running"] = running
+            entry["loop_id"] = str(id(actor.loop))
             result[actor.key] = entry
         return result
 
@@ -215,6 +229,17 @@ class Broker:
                 )
         if waits:
             await asyncio.wait(waits, timeout=timeout + 1.0)
+
+    async def _aclose_here(self, timeout: float | None = None) -> None:
+        """Close the calling loop's pool only; a later borrow here starts a new one."""
+        timeout = self.config.close_timeout if timeout is None else timeout
+        here = asyncio.get_running_loop()
+        actor = self._registry.get(here)
+        if actor is None:
+            return
+        done: asyncio.Future[None] = here.create_future()
+        if actor.post(Shutdown("pool closed", timeout, functools.partial(_set_once, done, None))):
+            await asyncio.wait([done], timeout=timeout + 1.0)
 
     def close(self, timeout: float | None = None) -> None:
         """Close every loop's pool from any thread.
