@@ -12,7 +12,18 @@
 """
 
 from broker.broker import Broker
-from broker.compat import GlobalNeo4jConnectionPool, LoopConnectionPool, Neo4jConnectionFactory
+from broker.compat import (
+    BorrowedConnection,
+    EventLoopConnectionPool,
+    GlobalNeo4jConnectionPool,
+    LoopConnectionPool,
+    Neo4jConnectionFactory,
+    Neo4jConnectionManager,
+    PooledConnectionManager,
+    cleanup_worker_neo4j_config,
+    cleanup_worker_neo4j_config_async,
+    setup_worker_neo4j_config,
+)
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.default import (
@@ -32,22 +43,29 @@ from broker.workspace import quote_identifier
 
 __all__ = [
     "BorrowTimeout",
+    "BorrowedConnection",
     "Broker",
     "BrokerClosed",
     "BrokerError",
     "Connection",
+    "EventLoopConnectionPool",
     "GlobalNeo4jConnectionPool",
     "LoopConnectionPool",
     "Neo4jConnectionConfig",
     "Neo4jConnectionFactory",
+    "Neo4jConnectionManager",
+    "PooledConnectionManager",
     "aclose",
     "borrow",
+    "cleanup_worker_neo4j_config",
+    "cleanup_worker_neo4j_config_async",
     "close",
     "configure",
     "get_broker",
     "quote_identifier",
     "release",
     "run",
+    "setup_worker_neo4j_config",
     "stats",
     "stats_sync",
     "totals",

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import neo4j.exceptions
 from neo4j import AsyncDriver
@@ -119,10 +119,10 @@ class Connection:
 
     # -- borrowing ---------------------------------------------------------
 
-    def __await__(self) -> Generator[Any, None, Connection]:
+    def __await__(self) -> Generator[Any, None, Self]:
         return self._acquire().__await__()
 
-    async def __aenter__(self) -> Connection:
+    async def __aenter__(self) -> Self:
         return await self._acquire()
 
     async def __aexit__(
@@ -141,7 +141,7 @@ class Connection:
     def __exit__(self, *exc_info: object) -> None:
         raise BrokerError(_SYNC_MISUSE)  # pragma: no cover - __enter__ already raised
 
-    async def _acquire(self) -> Connection:
+    async def _acquire(self) -> Self:
         if self._state is not _NEW:
             raise BrokerError("this handle has already borrowed once; call borrow() again")
         broker = self._broker
