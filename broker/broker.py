@@ -22,7 +22,7 @@ from broker import log
 from broker.actor import Actor, DriverFactory
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
-from broker.errors import BrokerError
+from broker.errors import BrokerClosed, BrokerError
 from broker.messages import Shutdown, StatsRequest
 from broker.registry import LoopRegistry, loop_key
 from broker.workspace import check_workspace, prepare_workspace
@@ -60,6 +60,8 @@ class Broker:
         self._preparer = preparer or functools.partial(
             prepare_workspace, database=self.config.database, indexes=self.config.indexes
         )
+        #: What a borrower is told to do once this broker is closed.
+        self._closed_hint = "make a new Broker(config) to borrow again"
         _brokers.add(self)
 
     def __repr__(self) -> str:
@@ -93,7 +95,12 @@ class Broker:
         actor = self._registry.get(loop)
         if actor is not None:
             return actor
-        return self._registry.start(loop, self._new_actor)
+        try:
+            return self._registry.start(loop, self._new_actor)
+        except BrokerClosed:
+            if not self.closed:
+                raise  # this loop is ending, the broker is not closed
+            raise BrokerClosed(f"this broker is closed; {self._closed_hint}") from None
 
     def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
         return Actor(self.config, loop, loop_key(), self._factory, self._actor_stopped)

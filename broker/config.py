@@ -221,9 +221,9 @@ class Neo4jConnectionConfig:
             raise ValueError("uri must be a non-empty string such as 'neo4j://host:7687'")
         try:
             parts = urllib.parse.urlsplit(self.uri)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
             raise ValueError(f"uri {redact_uri(self.uri)!r} is not a valid URI") from None
+        _check_port(parts, self.uri)
         scheme = parts.scheme.lower()
         if scheme not in SUPPORTED_SCHEMES:
             raise ValueError(
@@ -284,6 +284,20 @@ class Neo4jConnectionConfig:
         values = {name: _env_value(name, env) for name in _BUILT_IN if name not in overrides}
         values.update(overrides)
         return cls(**values)
+
+
+def _check_port(parts: urllib.parse.SplitResult, uri: str) -> None:
+    """A port that is not a number from 1 to 65535 is named as such."""
+    hostport = parts.netloc.rpartition("@")[2]
+    text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    _, colon, port = text.rpartition(":")
+    if not colon or not port:
+        return
+    where = f"in uri {redact_uri(uri)!r}"
+    if not port.isascii() or not port.isdigit():
+        raise ValueError(f"port {port!r} {where} is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {int(port)} {where} is out of range (1-65535)")
 
 
 _INT_FIELDS = frozenset({"max_connection_pool_size", "pool_max_size", "pool_min_size"})

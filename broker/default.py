@@ -31,6 +31,9 @@ __all__ = [
 _lock = threading.Lock()
 _default: Broker | None = None
 
+_DEFAULT_CLOSED = "broker.configure(...) makes a new default broker"
+_REPLACED = "it was replaced by broker.configure(); broker.borrow() uses the new default broker"
+
 
 def configure(
     config: Neo4jConnectionConfig | None = None, *, driver_factory: DriverFactory | None = None
@@ -42,8 +45,11 @@ def configure(
     """
     global _default
     new = Broker(config, driver_factory=driver_factory)
+    new._closed_hint = _DEFAULT_CLOSED
     with _lock:
         old, _default = _default, new
+    if old is not None:
+        old._closed_hint = _REPLACED
     if old is not None and not old.closed:
         old._shutdown_all(old.config.close_timeout, asyncio._get_running_loop())
     return new
@@ -57,6 +63,7 @@ def get_broker() -> Broker:
         with _lock:
             if _default is None:
                 _default = Broker()
+                _default._closed_hint = _DEFAULT_CLOSED
             current = _default
     return current
 

@@ -274,7 +274,25 @@ def test_module_level_close_then_configure(bolt_config: Neo4jConnectionConfig) -
 
     assert asyncio.run(query()) == 5
     broker.close()
-    with pytest.raises(BrokerClosed):
+    with pytest.raises(BrokerClosed, match=r"broker\.configure\(\.\.\.\) makes a new default"):
         asyncio.run(query())
     broker.configure(bolt_config)
     assert asyncio.run(query()) == 5
+
+
+def test_closed_brokers_say_what_to_do(bolt_config: Neo4jConnectionConfig) -> None:
+    async def borrow_from(b: Broker) -> None:
+        async with b.borrow():
+            pass
+
+    own = Broker(bolt_config)
+    own.close()
+    with pytest.raises(BrokerClosed, match=r"make a new Broker\(config\)") as caught:
+        asyncio.run(borrow_from(own))
+    assert "configure" not in str(caught.value), "configure() does not reopen this one"
+
+    replaced = broker.configure(bolt_config)
+    broker.configure(bolt_config)
+    with pytest.raises(BrokerClosed, match=r"replaced by broker\.configure\(\)"):
+        asyncio.run(borrow_from(replaced))
+    asyncio.run(borrow_from(broker.get_broker()))
