@@ -10,7 +10,11 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (found " + sys.version.split()[0] + "); run: make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# An older checkout installed the project under the name 'broker'.
+	@$(BIN)/python -m pip uninstall --quiet --yes broker >/dev/null 2>&1 || true
+	@echo "Installing the project, Celery, pytest and the embedded test server into $(VENV)."
+	@echo "The first time this downloads about 70 MB for the server alone (ArcadeDB with its own Java runtime)."
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +44,7 @@ soak: install
 	$(BIN)/python -m tests.soak
 
 server: install
-	$(BIN)/python -m broker.testing.server
+	$(BIN)/python -m broker.testing.server $(SERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

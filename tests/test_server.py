@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +18,9 @@ import neo4j.exceptions
 import pytest
 
 from broker.testing import EmbeddedServer, ExternalServer, server_from_env
+from broker.testing import server as server_module
 from broker.testing.pytest_plugin import select_server
+from broker.testing.server import _port_answers
 from broker.testing.sockets import open_connections
 from tests.helpers import eventually
 
@@ -152,3 +156,110 @@ async def test_default_database_stays_put_as_databases_are_added(bolt_server: ob
             f"MATCH (n:{marker}) RETURN count(n) AS c", database_=server.default_database
         )
         assert records[0]["c"] == 1, "queries naming no database go to the default one"
+
+
+# -- the command line: python -m broker.testing.server -----------------------------------
+
+OPTIONS = ("--bolt-port", "--http-port", "--password", "--data-dir", "--database")
+
+
+def _without_neo4j_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEO4J_")}
+
+
+def _run_help(command: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        [*command, "--help"],
+        env=_without_neo4j_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:  # a command line that ignored --help started a server: stop it all
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("how", ["module", "console script"])
+def test_command_line_help(how: str) -> None:
+    if how == "module":
+        command = [sys.executable, "-m", "broker.testing.server"]
+    else:
+        command = [str(Path(sys.executable).with_name("neo4j-loop-broker-server"))]
+    done = _run_help(command)
+    assert done.returncode == 0, done.stderr
+    for option in OPTIONS:
+        assert option in done.stdout, done.stdout
+    assert "NEO4J_PASSWORD" in done.stdout
+    assert done.stderr == "", "no warning before the help"
+
+
+def test_command_line_password_from_the_environment() -> None:
+    options = server_module.parse_args(["--bolt-port", "7688"], {"NEO4J_PASSWORD": "from-env-pw"})
+    assert options.password == "from-env-pw" and options.bolt_port == 7688
+    options = server_module.parse_args(["--password", "given-pw"], {"NEO4J_PASSWORD": "from-env"})
+    assert options.password == "given-pw"
+    assert server_module.parse_args([], {}).password is None  # a random one
+    with pytest.raises(SystemExit):
+        server_module.parse_args(["--bolt-port", "76877"], {})
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def test_command_line_server_runs_until_sigterm() -> None:
+    bolt, http = server_module._free_ports(2)
+    password = "cli-password-8d2e"
+    command = [sys.executable, "-m", "broker.testing.server", "--bolt-port", str(bolt)]
+    command += ["--http-port", str(http), "--password", password, "--database", "clitest"]
+    proc = subprocess.Popen(
+        command,
+        env=_without_neo4j_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        exported = {}
+        for line in proc.stdout:  # the four lines come once the server answers
+            name, _, value = line.strip().removeprefix("export ").partition("=")
+            exported[name] = value
+            if len(exported) == 4:
+                break
+        assert exported == {
+            "NEO4J_URI": f"bolt://127.0.0.1:{bolt}",
+            "NEO4J_USERNAME": "root",
+            "NEO4J_PASSWORD": password,
+            "NEO4J_DATABASE": "clitest",
+        }
+        auth = (exported["NEO4J_USERNAME"], password)
+        assert asyncio.run(_query(exported["NEO4J_URI"], auth, "clitest")) == 42
+        [server_pid] = _children(proc.pid)
+
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert "Warning" not in err, err
+    assert not _pid_alive(server_pid), "the server process outlived the command"
+    [data_dir] = re.findall(r"data directory: (\S+)", err)
+    assert not Path(data_dir).exists(), "the temporary directory outlived the command"
+    assert not _port_answers(bolt) and not _port_answers(http)

@@ -7,12 +7,14 @@ loopback ports, in a temporary directory, with a random password.
 chosen with ``NEO4J_URI``. Both offer the small :class:`BoltServer` interface,
 so tests do not care which one they talk to.
 
-``python -m broker.testing.server`` starts an embedded server, prints how to
-reach it and runs until Ctrl-C.
+``python -m broker.testing.server`` (or the ``neo4j-loop-broker-server``
+command) starts an embedded server, prints the ``NEO4J_*`` settings to export
+and runs until Ctrl-C or SIGTERM; ``--help`` lists its options.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import base64
 import contextlib
@@ -21,6 +23,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +36,7 @@ import urllib.error
 import urllib.request
 import uuid
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self, runtime_checkable
@@ -115,6 +119,22 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _check_port_number(name: str, port: int | None) -> int | None:
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        raise ValueError(f"{name} must be an integer, got {type(port).__name__}")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{name} must be from 1 to 65535, got {port}")
+    return port
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ServerError(f"port {port} on 127.0.0.1 is not free: {exc.strerror}") from None
+
+
 def _port_answers(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout):
@@ -139,6 +159,8 @@ class EmbeddedServer:
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     :meth:`kill` ends the child with SIGKILL and keeps its directory and ports
     so that :meth:`restart` brings the same server back, data included.
+    Ports are free ones unless ``bolt_port`` or ``http_port`` are given; a
+    ``root`` directory given here is kept, a temporary one is removed.
     """
 
     supports_restart = True
@@ -152,9 +174,20 @@ class EmbeddedServer:
         default_database: str = "broker",
         heap: str | None = None,
         startup_timeout: float = 90.0,
+        bolt_port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
+        self._fixed_ports = (
+            _check_port_number("bolt_port", bolt_port),
+            _check_port_number("http_port", http_port),
+        )
+        if bolt_port is not None and bolt_port == http_port:
+            raise ValueError(f"bolt_port and http_port must differ, both are {bolt_port}")
+        if password is not None and len(password) < 8:
+            raise ValueError("the server's password must be at least 8 characters long")
         self._owns_root = root is None
         self._root = Path(root) if root is not None else None
+        self._password_given = password is not None
         self._password = password or secrets.token_urlsafe(18)
         self._default_database = _check_db_name(default_database)
         self._heap = heap or os.environ.get("BROKER_TEST_SERVER_HEAP", "512m")
@@ -216,21 +249,42 @@ class EmbeddedServer:
         with self._lock:
             if self.running:
                 raise ServerError("the server is already running")
+            if self._ports is None:
+                for port in self._fixed_ports:
+                    if port is not None:
+                        _check_port_free(port)
             if self._root is None:
                 self._root = Path(tempfile.mkdtemp(prefix="broker-bolt-"))
+            else:
+                self._root.mkdir(parents=True, exist_ok=True)
+            # A kept directory keeps the password it was first started with.
+            reused = (self._root / "server" / "config" / "server-users.jsonl").exists()
+            if reused and not self._password_given:
+                raise ServerError(
+                    f"{self._root} holds a server started before, with a password of its "
+                    "own: give that password"
+                )
             _live.add(self)
-            attempts = 1 if self._ports else 3
+            attempts = 1 if self._ports or any(self._fixed_ports) else 3
             for attempt in range(attempts):
                 if self._ports is None or attempt:
-                    b, h, s = _free_ports(3)
-                    self._ports = (b, h, s)
+                    self._ports = self._choose_ports()
                 try:
                     self._spawn()
-                    return self
+                    break
                 except ServerError:
                     if attempt == attempts - 1:
                         self._cleanup_files()
                         raise
+        if reused:
+            try:
+                self._http_command(None)
+            except ServerError:
+                self.stop()
+                raise ServerError(
+                    f"the server in {self._root} was first started with another password; "
+                    "give that one"
+                ) from None
         return self
 
     def restart(self) -> Self:
@@ -305,13 +359,15 @@ class EmbeddedServer:
         self._http_command(f"create database {name}")
         return name
 
-    def _http_command(self, command: str) -> None:
+    def _http_command(self, command: str | None) -> None:
+        """Run a server command; with None, only check that the password is accepted."""
         token = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/api/v1/server",
-            data=json.dumps({"command": command}).encode(),
+            f"http://127.0.0.1:{self.http_port}/api/v1/"
+            + ("server" if command is not None else "databases"),
+            data=json.dumps({"command": command}).encode() if command is not None else None,
             headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
-            method="POST",
+            method="POST" if command is not None else "GET",
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
@@ -323,6 +379,13 @@ class EmbeddedServer:
             raise ServerError(f"server did not answer {command!r}: {exc}") from None
 
     # -- internals ------------------------------------------------------
+
+    def _choose_ports(self) -> tuple[int, int, int]:
+        bolt, http = self._fixed_ports
+        free = [p for p in _free_ports(3) if p not in self._fixed_ports]
+        bolt = bolt or free.pop()
+        http = http or free.pop()
+        return bolt, http, free.pop()
 
     def _require_ports(self) -> tuple[int, int, int]:
         if self._ports is None:
@@ -504,21 +567,109 @@ def server_from_env() -> ExternalServer | None:
     )
 
 
-def main() -> None:
-    """Start an embedded server, print how to reach it, run until Ctrl-C."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedServer() as server:
-        print(f"NEO4J_URI={server.uri}")
-        print(f"NEO4J_USERNAME={server.username}")
-        print(f"NEO4J_PASSWORD={server.password}")
-        print(f"NEO4J_DATABASE={server.default_database}")
-        print("Embedded Bolt server running; press Ctrl-C to stop.", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while not stop.wait(0.5):
-                pass
-    print("stopped")
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    """The command line's options; the password may come from ``NEO4J_PASSWORD``."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.testing.server",
+        description=(
+            "Start an embedded Bolt server (ArcadeDB, in a child process, on 127.0.0.1), "
+            "print the NEO4J_* settings to export, and run until Ctrl-C or SIGTERM."
+        ),
+    )
+    parser.add_argument(
+        "--bolt-port", type=_port_arg, metavar="PORT", help="Bolt port (default: a free one)"
+    )
+    parser.add_argument(
+        "--http-port",
+        type=_port_arg,
+        metavar="PORT",
+        help="ArcadeDB's HTTP port, used to create databases (default: a free one)",
+    )
+    parser.add_argument(
+        "--password",
+        default=env.get("NEO4J_PASSWORD") or None,
+        help=(
+            "password of the user 'root', at least 8 characters (default: NEO4J_PASSWORD, "
+            "else a random one); prefer NEO4J_PASSWORD, as other users can see a command line"
+        ),
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the server's files here, kept at exit; a directory used before needs the "
+        "password it was first started with (default: a temporary directory, removed at exit)",
+    )
+    parser.add_argument(
+        "--database",
+        default="broker",
+        metavar="NAME",
+        help="database to create if missing and make the default; printed as NEO4J_DATABASE "
+        "(default: %(default)s)",
+    )
+    options = parser.parse_args(argv)
+    if options.password is not None and len(options.password) < 8:
+        parser.error("the password must be at least 8 characters long")
+    try:
+        _check_db_name(options.database)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return options
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
+    return int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start an embedded server, print how to reach it, run until Ctrl-C or SIGTERM."""
+    options = parse_args(argv)
+    server = EmbeddedServer(
+        root=options.data_dir,
+        password=options.password,
+        default_database=options.database,
+        bolt_port=options.bolt_port,
+        http_port=options.http_port,
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops like Ctrl-C
+    status = 0
+    try:
+        print("Starting the embedded Bolt server ...", file=sys.stderr, flush=True)
+        server.start()
+        kept = "kept" if options.data_dir is not None else "removed"
+        for name, value in (
+            ("NEO4J_URI", server.uri),
+            ("NEO4J_USERNAME", server.username),
+            ("NEO4J_PASSWORD", server.password),
+            ("NEO4J_DATABASE", server.default_database),
+        ):
+            print(f"export {name}={shlex.quote(value)}")
+        sys.stdout.flush()
+        print(
+            f"Running; data directory: {server.root} ({kept} at exit). "
+            "Press Ctrl-C (or send SIGTERM) to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
+        while server.running:
+            time.sleep(0.5)
+        print("The server exited on its own.", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        pass
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        server.stop()
+    print("stopped", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
