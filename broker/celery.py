@@ -1,6 +1,6 @@
 """Celery integration: one pool per worker thread, kept across tasks, closed at shutdown.
 
-Install with ``broker[celery]``. In the module that defines the Celery app::
+Install with ``neo4j-loop-broker[celery]``. In the module that defines the Celery app::
 
     import broker
     import broker.celery
@@ -51,7 +51,9 @@ import structlog
 try:
     from celery import signals
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("broker.celery needs Celery: install broker[celery]") from exc
+    raise ImportError(
+        "broker.celery needs Celery: pip install 'neo4j-loop-broker[celery]'"
+    ) from exc
 
 from broker import default, log, runner
 from broker.config import Neo4jConnectionConfig

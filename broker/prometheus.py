@@ -1,6 +1,6 @@
 """Prometheus metrics of the pools: one series per event loop.
 
-Install with ``broker[prometheus]``, then register the collector once per
+Install with ``neo4j-loop-broker[prometheus]``, then register the collector once per
 process (a Celery worker, a web app)::
 
     import prometheus_client
@@ -45,7 +45,9 @@ try:
         Metric,
     )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("broker.prometheus needs prometheus_client: broker[prometheus]") from exc
+    raise ImportError(
+        "broker.prometheus needs prometheus_client: pip install 'neo4j-loop-broker[prometheus]'"
+    ) from exc
 
 from broker import default
 from broker.broker import Broker

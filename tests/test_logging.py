@@ -60,7 +60,7 @@ async def test_unconfigured_structlog_prints_nothing_to_stdout(
 
 
 async def test_stdlib_events_render_as_json(make_broker: MakeBroker) -> None:
-    """The documented recipe: ProcessorFormatter + JSONRenderer on the 'broker' logger."""
+    """A handler with structlog's ProcessorFormatter and JSONRenderer gets every field."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(

@@ -573,7 +573,7 @@ def parse_args(
     """The command line's options; the password may come from ``NEO4J_PASSWORD``."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="python -m broker.testing.server",
+        prog=_program_name(),
         description=(
             "Start an embedded Bolt server (ArcadeDB, in a child process, on 127.0.0.1), "
             "print the NEO4J_* settings to export, and run until Ctrl-C or SIGTERM."
@@ -618,6 +618,11 @@ def parse_args(
     except ValueError as exc:
         parser.error(str(exc))
     return options
+
+
+def _program_name() -> str:
+    command = Path(sys.argv[0]).name
+    return "python -m broker.testing.server" if command.endswith(".py") else command
 
 
 def _port_arg(text: str) -> int:
