@@ -183,3 +183,4 @@ def test_readme_block_runs(run: Run, bolt_server: BoltServer, tmp_path: Path) ->
         assert "Traceback" not in done.stderr, report
         if run.is_test_dir:
             assert re.search(r"\b[1-9]\d* passed\b", done.stdout), report
+            assert "warning" not in (done.stdout + done.stderr).lower(), report
