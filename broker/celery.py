@@ -24,7 +24,8 @@ What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
 - before each task the task's id and name are bound as structlog context
   variables (``task_id``, ``task_name``), so every broker event of the task
   carries them; they are removed after the task, so nothing reaches the next
-  task on the same thread;
+  task on the same thread (the events join the worker's log at its
+  ``--loglevel``, once each: see :func:`broker.log.configure`);
 - at shutdown (``worker_shutdown`` in the worker process,
   ``worker_process_shutdown`` in each prefork child) every loop made by
   :func:`broker.run` is closed after its pools closed their drivers, then

@@ -93,20 +93,34 @@ _fallback = structlog.wrap_logger(
 )
 
 # The application's structlog logger for the broker, bound once per
-# configuration: (the configuration's objects, the logger, its level check).
-_bound: tuple[tuple[Any, ...], Any, Any] | None = None
+# configuration: the configuration's objects (held, so that their identities
+# stay unique), the logger and its level check.
+_bound: tuple[Any, Any, Any, Any, Any, Any] | None = None
 
 
 def _configured() -> tuple[Any, Any]:
     """The bound logger of the current structlog configuration, and its level check."""
     global _bound
-    current = tuple(structlog.get_config().values())
+    config = structlog.get_config()
     cached = _bound
-    if cached is not None and all(a is b for a, b in zip(cached[0], current, strict=True)):
-        return cached[1], cached[2]
+    if (
+        cached is not None
+        and cached[0] is config["processors"]
+        and cached[1] is config["wrapper_class"]
+        and cached[2] is config["logger_factory"]
+        and cached[3] is config["context_class"]
+    ):
+        return cached[4], cached[5]
     logger = structlog.get_logger(LOGGER_NAME).bind()
     check = getattr(logger, "is_enabled_for", None) or getattr(logger, "isEnabledFor", None)
-    _bound = (current, logger, check)  # holding the objects keeps their identities unique
+    _bound = (
+        config["processors"],
+        config["wrapper_class"],
+        config["logger_factory"],
+        config["context_class"],
+        logger,
+        check,
+    )
     return logger, check
 
 
