@@ -641,7 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bolt_port=options.bolt_port,
         http_port=options.http_port,
     )
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops like Ctrl-C
+    # Ctrl-C and TERM stop it the same way, even where SIGINT was ignored (started with &).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = 0
     try:
         print("Starting the embedded Bolt server ...", file=sys.stderr, flush=True)
