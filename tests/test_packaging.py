@@ -44,7 +44,8 @@ def test_readme_installs_by_the_distribution_name() -> None:
 def test_missing_extra_names_the_install_line(
     module: str, missing: str, extra: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    for name in [missing, *(n for n in sys.modules if n.startswith(f"{missing}."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=rf"pip install '{NAME}\[{extra}\]'"):
         importlib.import_module(module)
