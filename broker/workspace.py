@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import neo4j
 import neo4j.exceptions
 
+from broker import log
 from broker.config import SEED_INDEXES, IndexSpec
 
 __all__ = [
@@ -169,5 +170,19 @@ def _index_statement(workspace: str, label: str | None, prop: str) -> str:
 
 
 async def _ensure(driver: neo4j.AsyncDriver, database: str, statements: list[str]) -> None:
+    """Run each index statement. An index the server refuses (no schema rights,
+    a label it rejects) is logged and skipped, as the seed did: a preparation
+    that worked there must not fail here. Connection errors still raise."""
     for statement in statements:
-        await driver.execute_query(statement, database_=database)
+        try:
+            await driver.execute_query(statement, database_=database)
+        except (neo4j.exceptions.ClientError, neo4j.exceptions.DatabaseError) as exc:
+            if exc.code == _NOT_FOUND:
+                raise
+            log.emit(
+                log.WARNING,
+                "workspace.index_failed",
+                database=database,
+                statement=statement,
+                error=f"{type(exc).__name__}: {exc.code}",
+            )

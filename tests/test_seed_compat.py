@@ -514,6 +514,33 @@ async def test_configured_indexes_and_the_workspace_label(
     }
 
 
+async def test_an_index_the_server_refuses_is_logged_and_preparation_goes_on(
+    bolt_config: Neo4jConnectionConfig, bolt_server: BoltServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As in the seed: a refused index (no schema rights, a label the server
+    rejects) is a warning, not a failed preparation; the other indexes are made."""
+    fresh = bolt_server.create_database()
+    refused_label = "x" * 300  # too long a label for the embedded server
+    indexes = ((refused_label, "entity_id"), ("base", "entity_id"))
+    b = broker.Broker(bolt_config.replace(database=fresh, pool_min_size=0, indexes=indexes))
+    try:
+        with caplog.at_level("WARNING", logger="broker"):
+            async with b.borrow() as conn:
+                assert await conn.prepare_database("ws0") == fresh
+                records, _, _ = await conn.driver.execute_query(
+                    "SHOW INDEXES YIELD labelsOrTypes, properties", database_=fresh
+                )
+    finally:
+        await b.aclose()
+    found = {(tuple(r["labelsOrTypes"]), tuple(r["properties"])) for r in records}
+    if ((refused_label,), ("entity_id",)) in found:
+        pytest.skip("this server accepts the long label; nothing is refused")
+    assert (("base",), ("entity_id",)) in found
+    failed = [r for r in caplog.records if "workspace.index_failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in caplog.records]
+    assert "ClientError" in failed[0].getMessage()
+
+
 async def test_a_configured_database_serves_every_workspace(
     bolt_config: Neo4jConnectionConfig, bolt_server: BoltServer
 ) -> None:
