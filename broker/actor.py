@@ -507,6 +507,20 @@ class Actor:
             return False
         return True
 
+    def post_soon(self, message: Message) -> bool:
+        """Deliver a message from a finalizer, in any thread. False if the loop is closed.
+
+        It takes no lock and never blocks: the collector may run a finalizer
+        inside the mailbox's own critical section, on the loop's thread. The
+        loop posts the message on its next iteration. ``call_soon_threadsafe``
+        only appends to a deque and writes a byte to the loop's wake-up socket.
+        """
+        try:
+            self.loop.call_soon_threadsafe(self.post, message)
+        except RuntimeError:  # the loop is closed: nobody will read it
+            return False
+        return True
+
     def _ring(self) -> None:
         bell = self._bell
         if bell is not None and not bell.done():

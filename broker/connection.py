@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import itertools
 import math
+import threading
 import time
 from collections.abc import Generator
 from types import TracebackType
@@ -70,7 +71,7 @@ class PooledDriver:
         return f"<PooledDriver #{self.id}>"
 
 
-_NEW, _HELD, _RELEASED = "new", "held", "released"
+_NEW, _BORROWING, _HELD, _RELEASED = "new", "borrowing", "held", "released"
 
 _SYNC_MISUSE = (
     "borrow() needs a running event loop: use 'async with broker.borrow() as conn' "
@@ -90,13 +91,21 @@ class Connection:
     A handle borrows once; borrow again for another driver.
     """
 
+    # Borrowing and releasing are each claimed once, atomically, before
+    # anything else happens: a handle awaited by two tasks (or two loops) at
+    # once, or released by two threads at once, borrows and returns exactly
+    # one driver. A claim is a non-blocking acquire of a lock of its own,
+    # atomic by itself rather than thanks to the GIL, so this holds on
+    # free-threaded Python too. Nothing ever waits for these locks.
     __slots__ = (
         "__weakref__",
         "_actor",
+        "_borrow_claim",
         "_borrowed_at",
         "_broken",
         "_broker",
         "_pooled",
+        "_release_claim",
         "_state",
         "_timeout",
     )
@@ -112,6 +121,8 @@ class Connection:
             raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
         self._broker = broker
         self._timeout = timeout
+        self._borrow_claim = threading.Lock()
+        self._release_claim = threading.Lock()
         self._actor: Actor | None = None
         self._pooled: PooledDriver | None = None
         self._borrowed_at = 0.0
@@ -131,7 +142,7 @@ class Connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerError):
+        if exc is not None and _is_connection_error(exc):
             self._broken = True
         self._release()
 
@@ -142,8 +153,23 @@ class Connection:
         raise BrokerError(_SYNC_MISUSE)  # pragma: no cover - __enter__ already raised
 
     async def _acquire(self) -> Self:
-        if self._state is not _NEW:
+        if not self._borrow_claim.acquire(blocking=False):
+            if self._state is _BORROWING:
+                raise BrokerError(
+                    "this handle is being borrowed by another task; call borrow() again "
+                    "for a driver of your own"
+                )
             raise BrokerError("this handle has already borrowed once; call borrow() again")
+        self._state = _BORROWING
+        try:
+            return await self._borrow()
+        except BaseException:
+            if self._state is _BORROWING:  # nothing borrowed: the handle may try again
+                self._state = _NEW
+                self._borrow_claim.release()
+            raise
+
+    async def _borrow(self) -> Self:
         broker = self._broker
         loop = asyncio._get_running_loop()
         if loop is None:
@@ -157,12 +183,15 @@ class Connection:
             raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
         try:
             pooled = await waiter
-        except BaseException:
+        except BaseException as exc:
+            # GeneratorExit: the collector is finalizing this coroutine, maybe
+            # inside the mailbox's lock; only the lock-free path is safe there.
+            post = actor.post_soon if isinstance(exc, GeneratorExit) else actor.post
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed to us just as we were cancelled: give it straight back.
-                actor.post(Return(waiter.result()))
+                post(Return(waiter.result()))
             elif waiter.cancelled():
-                actor.post(Withdraw(request))
+                post(Withdraw(request))
             raise
         now = time.monotonic()
         self._actor = actor
@@ -228,9 +257,11 @@ class Connection:
         self._release()
 
     def _release(self) -> None:
-        if self._state is not _HELD:
-            self._state = _RELEASED
+        if self._borrow_claim.acquire(blocking=False):
+            self._state = _RELEASED  # never borrowed, and now it never will
             return
+        if self._state is not _HELD or not self._release_claim.acquire(blocking=False):
+            return  # still borrowing (its borrower releases it), or released already
         self._state = _RELEASED
         pooled, actor = self._pooled, self._actor
         assert pooled is not None and actor is not None
@@ -251,20 +282,30 @@ class Connection:
             )
 
     def _unusable(self) -> str:
-        if self._state is _NEW:
+        if self._state in (_NEW, _BORROWING):
             return "this connection has not been borrowed yet: await it or use 'async with'"
         return "this connection was released; borrow again to get a driver"
 
     def __del__(self) -> None:
-        # A handle dropped while held would shrink its pool for good.
+        # A handle dropped while held would shrink its pool for good. The
+        # collector may run this anywhere, even inside the mailbox's lock on
+        # the loop's thread: only the lock-free path is allowed here. Nobody
+        # else can hold the handle now, so no claim is needed.
         if self._state is _HELD:
             try:
                 self._state = _RELEASED
                 if self._pooled is not None and self._actor is not None:
-                    self._actor.post_threadsafe(Return(self._pooled, self._broken))
+                    self._actor.post_soon(Return(self._pooled, self._broken))
             except Exception:  # noqa: S110 - nothing may escape a finalizer
                 pass
 
     def __repr__(self) -> str:
         pooled = f" driver #{self._pooled.id}" if self._pooled is not None else ""
         return f"<Connection {self._state}{pooled}>"
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A connection-level error, also inside an exception group (a ``TaskGroup``)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_connection_error(inner) for inner in exc.exceptions)
+    return isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerError)
