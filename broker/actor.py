@@ -36,6 +36,7 @@ from broker import log
 from broker.config import Neo4jConnectionConfig
 from broker.connection import PooledDriver
 from broker.errors import BorrowTimeout, BrokerClosed
+from broker.loop_end import end_with_loop
 from broker.messages import (
     Borrow,
     Checked,
@@ -123,6 +124,7 @@ class Actor:
         self._task = self.loop.create_task(
             self._run(), name=f"broker-actor {self.key}", context=contextvars.Context()
         )
+        end_with_loop(self._task)  # even if the loop is already ending (asyncio.run's teardown)
         self._arm_timer()
 
     @property
@@ -277,6 +279,12 @@ class Actor:
     def _on_checked(self, message: Checked) -> None:
         pooled = message.driver
         self._checking.discard(pooled)
+        if isinstance(message.error, asyncio.CancelledError):
+            # Cut short (the loop is ending): not a failed check, but not a pass either.
+            stopping = self._stopping
+            self._start_close(pooled, stopping.reason if stopping else "health check cancelled")
+            self._dispatch()
+            return
         if message.error is None:
             pooled.last_checked = time.monotonic()
             if self._stopping is not None:

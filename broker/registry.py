@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from broker.actor import Actor
 from broker.errors import BrokerClosed
+from broker.loop_end import shutting_down
 
 __all__ = ["LoopRegistry", "loop_key"]
 
@@ -58,7 +59,7 @@ class LoopRegistry:
         with self._lock:
             if self._closed:
                 raise BrokerClosed("the broker is closed")
-            if loop in self._ended:
+            if loop in self._ended or shutting_down(loop):
                 raise BrokerClosed("this event loop is shutting down; its pool is closed")
             key = weakref.ref(loop)
             actor = self._actors.get(key)
@@ -92,8 +93,10 @@ class LoopRegistry:
     def closed(self) -> bool:
         return self._closed
 
-    def forget_all(self) -> None:
-        """After a fork: drop every actor of the parent without touching it."""
+    def forget_all(self) -> list[Actor]:
+        """After a fork: forget every actor of the parent without touching it; return them."""
+        inherited = list(self._actors.values())
         self._lock = threading.Lock()
         self._actors = weakref.WeakValueDictionary()
         self._ended = weakref.WeakSet()
+        return inherited

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
+from typing import Any
 
+from broker import Neo4jConnectionConfig
 from broker.testing import BoltServer
 
 
@@ -30,3 +37,36 @@ def eventually_sync(check: Callable[[], bool], timeout: float = 10.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout} s: {what or check}")
         time.sleep(0.01)
+
+
+#: What a clean end prints nowhere.
+TROUBLE = ("Task was destroyed", "ResourceWarning", "unclosed", "Exception ignored", "Traceback")
+
+
+def strict_env(config: Neo4jConnectionConfig) -> dict[str, str]:
+    """The environment of a child that talks to the test server, in asyncio debug mode."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEO4J_")}
+    env.update(
+        NEO4J_URI=config.uri,
+        NEO4J_USERNAME=config.username,
+        NEO4J_PASSWORD=config.password,
+        PYTHONASYNCIODEBUG="1",
+    )
+    if config.database:
+        env["NEO4J_DATABASE"] = config.database
+    return env
+
+
+def run_strict(script: str, config: Neo4jConnectionConfig, *args: str) -> dict[str, Any]:
+    """Run ``script`` in a child interpreter; check its stderr; return its last JSON line."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", textwrap.dedent(script), *args],
+        env=strict_env(config),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    trouble = [line for line in done.stderr.splitlines() if any(t in line for t in TROUBLE)]
+    assert done.returncode == 0 and trouble == [], done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
