@@ -18,7 +18,7 @@ from typing import Any
 
 import neo4j
 
-from broker import log
+from broker import inherited, log
 from broker.actor import Actor, DriverFactory
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
@@ -285,9 +285,11 @@ class Broker:
         return posted
 
     def _after_fork(self) -> None:
-        # The parent's loops, drivers and sockets are not ours to use or close,
-        # and its counters are not this process's.
-        self._registry.forget_all()
+        # The parent's loops, drivers and sockets are not ours to use or close
+        # (nor to let the collector close), and its counters are not this process's.
+        actors = self._registry.forget_all()
+        inherited.keep(actors)
+        inherited.detach(actor.loop for actor in actors)
         self._retired_lock = threading.Lock()
         self._retired = dict.fromkeys(_COUNTERS, 0)
 

@@ -21,6 +21,8 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from broker import inherited
+
 __all__ = ["run", "shutdown"]
 
 T = TypeVar("T")
@@ -144,7 +146,10 @@ def shutdown(timeout: float = 10.0) -> None:
 
 def _after_fork() -> None:
     global _lock, _loops
-    # The parent's loops belong to the parent's threads: forget them unclosed.
+    # The parent's loops belong to the parent's threads: forget them unclosed,
+    # but keep them (and cut them off) so the child never closes or collects them.
+    inherited.keep(_loops)
+    inherited.detach(getattr(loop.runner, "_loop", None) for loop in _loops)
     _lock = threading.Lock()
     _loops = []
     _local.__dict__.clear()
