@@ -57,16 +57,27 @@ def strict_env(config: Neo4jConnectionConfig) -> dict[str, str]:
     return env
 
 
-def run_strict(script: str, config: Neo4jConnectionConfig, *args: str) -> dict[str, Any]:
-    """Run ``script`` in a child interpreter; check its stderr; return its last JSON line."""
+def run_strict(
+    script: str, config: Neo4jConnectionConfig, *args: str, strict: bool = True
+) -> dict[str, Any]:
+    """Run ``script`` in a child interpreter; check its stderr; return its last JSON line.
+
+    Strict: asyncio's debug mode on, ResourceWarning an error, and nothing on
+    stderr that says a task was left pending or a resource unclosed.
+    """
+    env = strict_env(config)
+    warnings = ["-W", "error::ResourceWarning"]
+    if not strict:
+        del env["PYTHONASYNCIODEBUG"]
+        warnings = []
     done = subprocess.run(
-        [sys.executable, "-W", "error::ResourceWarning", "-c", textwrap.dedent(script), *args],
-        env=strict_env(config),
+        [sys.executable, *warnings, "-c", textwrap.dedent(script), *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
     trouble = [line for line in done.stderr.splitlines() if any(t in line for t in TROUBLE)]
-    assert done.returncode == 0 and trouble == [], done.stderr[-4000:]
+    assert done.returncode == 0 and (trouble == [] or not strict), done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
