@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck unit demo demo-threads bench soak server clean
+.PHONY: install test lint typecheck unit loops demo demo-threads bench soak server clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (found " + sys.version.split()[0] + "); run: make PYTHON=python3.11 ...")'
@@ -31,6 +31,11 @@ unit: install
 
 test: lint typecheck unit
 
+# The tests of other loops and ways to drive them, e.g. on another Python:
+# make loops PYTHON=python3.13 VENV=.venv-3.13
+loops: install
+	$(BIN)/pytest -m loops $(PYTEST_ARGS)
+
 demo: install
 	$(BIN)/python examples/celery_demo.py
 
@@ -47,4 +52,4 @@ server: install
 	$(BIN)/python -m broker.testing.server $(SERVER_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache .hypothesis

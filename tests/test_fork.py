@@ -157,6 +157,7 @@ PARENT_WITH_A_TRANSACTION_OPEN = """
 """
 
 
+@pytest.mark.loops
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("child_ends", ["collect", "exit"])

@@ -71,6 +71,7 @@ BORN_DURING_TEARDOWN = """
 """
 
 
+@pytest.mark.loops
 @pytest.mark.parametrize(
     ("where", "ending"),
     [("task", "run"), ("task", "runner"), ("generator", "run")],
