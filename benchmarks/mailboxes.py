@@ -42,7 +42,7 @@ class QueueMailboxActor(Actor):
             self._handle(message)
             while not self._queue.empty():
                 self._handle(self._queue.get_nowait())
-            if self._stopping is not None and self._is_empty():
+            if self.pool.stopping is not None and self.pool.is_empty():
                 return
 
 
@@ -53,7 +53,7 @@ class JanusGetActor(Actor):
             message = await get()
             self._handle(message)
             self._drain()
-            if self._stopping is not None and self._is_empty():
+            if self.pool.stopping is not None and self.pool.is_empty():
                 return
 
 

@@ -24,12 +24,11 @@ from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.errors import BrokerClosed, BrokerError
 from broker.messages import Shutdown, StatsRequest
+from broker.pool import COUNTERS
 from broker.registry import LoopRegistry, loop_key
 from broker.workspace import check_workspace, prepare_workspace
 
 __all__ = ["Broker", "default_driver_factory"]
-
-_COUNTERS = ("borrows", "timeouts", "cancellations", "created", "closed", "discarded", "errors")
 
 
 def default_driver_factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
@@ -54,7 +53,7 @@ class Broker:
         self._factory = driver_factory or default_driver_factory
         self._registry = LoopRegistry()
         self._prepared: dict[str, str] = {}
-        self._retired = dict.fromkeys(_COUNTERS, 0)
+        self._retired = dict.fromkeys(COUNTERS, 0)
         self._retired_lock = threading.Lock()
         preparer = self.config.database_preparer
         self._preparer = preparer or functools.partial(
@@ -108,8 +107,8 @@ class Broker:
     def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
         self._registry.retire(actor, loop_ended)
         with self._retired_lock:
-            for name in _COUNTERS:
-                self._retired[name] += getattr(actor, name)
+            for name in COUNTERS:
+                self._retired[name] += getattr(actor.pool, name)
 
     # -- workspaces ------------------------------------------------------------
 
@@ -218,8 +217,8 @@ class Broker:
         with self._retired_lock:
             sums = dict(self._retired)
         for actor in self._registry.actors():
-            for name in _COUNTERS:
-                sums[name] += getattr(actor, name)
+            for name in COUNTERS:
+                sums[name] += getattr(actor.pool, name)
         return sums
 
     # -- closing ---------------------------------------------------------------
@@ -291,7 +290,7 @@ class Broker:
         inherited.keep(actors)
         inherited.detach(actor.loop for actor in actors)
         self._retired_lock = threading.Lock()
-        self._retired = dict.fromkeys(_COUNTERS, 0)
+        self._retired = dict.fromkeys(COUNTERS, 0)
 
 
 def _set_once(

@@ -47,6 +47,10 @@ class Borrow:
     context: contextvars.Context
     expiry: asyncio.TimerHandle | None = None
 
+    def pending(self) -> bool:
+        """Still waiting for an answer (not served, failed or cancelled)."""
+        return not self.waiter.done()
+
 
 @dataclass(slots=True, eq=False)
 class Withdraw:

@@ -104,7 +104,7 @@ def test_storm_of_short_lived_loops(
                 continue
             actor = actors.pop(serial)
             # The pool was closed, in its loop, before asyncio.run returned.
-            if not actor.finished or actor.created != actor.closed:
+            if not actor.finished or actor.pool.created != actor.pool.closed:
                 rec.unclosed_pools.append(actor.key)
 
     started = time.monotonic()
