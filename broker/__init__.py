@@ -29,15 +29,20 @@ from broker.connection import Connection
 from broker.default import (
     aclose,
     borrow,
+    check,
     close,
     configure,
+    drain,
     get_broker,
+    pop_stats,
     release,
+    resize,
     stats,
     stats_sync,
     totals,
+    wait,
 )
-from broker.errors import BorrowTimeout, BrokerClosed, BrokerError
+from broker.errors import BorrowTimeout, BrokerClosed, BrokerError, TooManyWaiters
 from broker.runner import run
 from broker.workspace import quote_identifier
 
@@ -55,20 +60,26 @@ __all__ = [
     "Neo4jConnectionFactory",
     "Neo4jConnectionManager",
     "PooledConnectionManager",
+    "TooManyWaiters",
     "aclose",
     "borrow",
+    "check",
     "cleanup_worker_neo4j_config",
     "cleanup_worker_neo4j_config_async",
     "close",
     "configure",
+    "drain",
     "get_broker",
+    "pop_stats",
     "quote_identifier",
     "release",
+    "resize",
     "run",
     "setup_worker_neo4j_config",
     "stats",
     "stats_sync",
     "totals",
+    "wait",
 ]
 
 __version__ = "0.1.0"

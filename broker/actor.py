@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -39,13 +40,18 @@ from broker.loop_end import end_with_loop
 from broker.messages import (
     Borrow,
     Checked,
+    CheckNow,
     Closed,
     Created,
+    Drain,
     Message,
+    Request,
+    Resize,
     Return,
     Shutdown,
     StatsRequest,
     Tick,
+    WaitReady,
     Withdraw,
 )
 from broker.pool import Pool, describe
@@ -73,6 +79,9 @@ class Actor:
         key: str,
         driver_factory: DriverFactory,
         on_stopped: Callable[[Actor, bool], None],
+        *,
+        sizes: tuple[int, int, int] | None = None,
+        generation: int = 0,
     ) -> None:
         self.config = config
         self.loop = loop
@@ -88,7 +97,7 @@ class Actor:
         self._timer: asyncio.TimerHandle | None = None
         # Each job task with the report to send if it is cancelled before reporting.
         self._jobs: dict[asyncio.Task[Message], Message] = {}
-        self.pool = Pool(config, self, key, self.thread_name)
+        self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._finished = False
         #: Workspace preparations running in this loop (shared by concurrent callers).
@@ -171,31 +180,59 @@ class Actor:
         pool = self.pool
         match message:
             case Borrow():
-                self._on_borrow(message)
+                pool.borrow(message, time.monotonic())
+                self._arm_expiry(message)
             case Return():
                 pool.returned(message.driver, message.broken, time.monotonic())
             case Withdraw():
-                _disarm(message.borrow)
-                pool.withdraw(message.borrow)
+                _disarm(message.request)
+                pool.withdraw(message.request, time.monotonic())
             case Created():
                 pool.creation_ended(
-                    message.driver, message.error, message.context, time.monotonic()
+                    message.driver,
+                    message.error,
+                    message.context,
+                    message.started,
+                    message.seconds,
+                    message.hook_failed,
+                    time.monotonic(),
                 )
             case Checked():
-                pool.check_ended(message.driver, message.error, time.monotonic())
+                pool.check_ended(
+                    message.driver,
+                    message.error,
+                    message.hook_error,
+                    message.verified,
+                    time.monotonic(),
+                )
             case Closed():
                 self._on_closed(message)
             case Tick():
                 pool.tick(time.monotonic())
             case StatsRequest():
-                message.reply(self.snapshot())
+                self._on_stats(message)
             case Shutdown():
                 self._on_shutdown(message)
+            case WaitReady():
+                pool.wait_ready(message, time.monotonic())
+                self._arm_expiry(message)
+            case CheckNow():
+                pool.check_all(message, time.monotonic())
+            case Resize():
+                pool.resize(message.min_size, message.max_size, message.version, time.monotonic())
+            case Drain():
+                pool.drain(message.generation, time.monotonic())
 
-    def _on_borrow(self, borrow: Borrow) -> None:
-        self.pool.borrow(borrow, time.monotonic())
-        if not borrow.waiter.done() and borrow.timeout != float("inf"):
-            borrow.expiry = self.loop.call_later(borrow.timeout, self._expire, borrow)
+    def _arm_expiry(self, request: Borrow | WaitReady) -> None:
+        if not request.waiter.done() and request.timeout != float("inf"):
+            request.expiry = self.loop.call_later(request.timeout, self._expire, request)
+
+    def _on_stats(self, message: StatsRequest) -> None:
+        asker = message.pop_for
+        if asker is None:
+            message.reply(self.snapshot())
+        elif not asker.done():  # a pop whose asker gave up must not reset anything
+            message.reply(self.pool.pop_stats(time.monotonic()))
 
     def _on_closed(self, message: Closed) -> None:
         if not message.finished and self.pool.is_closing(message.driver):
@@ -218,31 +255,53 @@ class Actor:
 
     # -- what the pool has us do (Effects) --------------------------------------
 
-    def start_create(self, context: contextvars.Context | None) -> None:
-        """Make and verify a driver in a job of its own."""
-        self._spawn(self._create(), Created(None, asyncio.CancelledError()), context)
+    def start_create(
+        self, context: contextvars.Context | None, generation: int, started: float
+    ) -> None:
+        """Make, verify and prepare a driver in a job of its own."""
+        if_cancelled = Created(None, asyncio.CancelledError(), started=started)
+        self._spawn(self._create(generation, started), if_cancelled, context)
 
-    def start_check(self, pooled: PooledDriver) -> None:
-        """Verify a driver in a job of its own."""
-        self._spawn(self._check(pooled), Checked(pooled, asyncio.CancelledError()))
+    def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
+        """Run ``on_return`` and verify a driver in a job of its own."""
+        self._spawn(self._check(pooled, hook, verify), Checked(pooled, asyncio.CancelledError()))
 
     def start_close(self, pooled: PooledDriver) -> None:
         """Close a driver in a job of its own."""
         self._spawn(self._close(pooled), Closed(pooled, finished=False))
 
-    def resolve(self, borrow: Borrow, pooled: PooledDriver) -> None:
-        """Hand a driver to its borrower."""
-        _disarm(borrow)
-        borrow.waiter.set_result(pooled)
+    def resolve(self, request: Request, value: Any) -> None:
+        """Answer a caller (a driver for a borrower)."""
+        _disarm(request)
+        if not request.waiter.done():
+            request.waiter.set_result(value)
 
-    def refuse(self, borrow: Borrow, error: BaseException) -> None:
-        """Fail a borrower."""
-        _disarm(borrow)
-        _fail(borrow.waiter, error)
+    def refuse(self, request: Request, error: BaseException) -> None:
+        """Fail a caller."""
+        _disarm(request)
+        _fail(request.waiter, error)
 
-    def forget(self, borrow: Borrow) -> None:
-        """Drop the timer of a borrower that was cancelled."""
-        _disarm(borrow)
+    def forget(self, request: Request) -> None:
+        """Drop the timer of a caller that was cancelled."""
+        _disarm(request)
+
+    def reconnect_failed(self, stats: dict[str, Any]) -> None:
+        """Run the application's ``reconnect_failed`` callback (async ones as a task)."""
+        callback = self.config.reconnect_failed
+        if callback is None:
+            return
+        try:
+            outcome = callback(stats)
+            if inspect.isawaitable(outcome):
+                self.loop.create_task(self._await_callback(outcome))
+        except Exception as exc:
+            self.emit(log.ERROR, "actor.error", error=repr(exc), callback="reconnect_failed")
+
+    async def _await_callback(self, outcome: Any) -> None:
+        try:
+            await outcome
+        except Exception as exc:
+            self.emit(log.ERROR, "actor.error", error=repr(exc), callback="reconnect_failed")
 
     # -- jobs ----------------------------------------------------------------
 
@@ -270,33 +329,60 @@ class Actor:
         if not self.post(report) and isinstance(report, Created) and report.driver is not None:
             self.loop.create_task(_close_quietly(report.driver.driver))
 
-    async def _create(self) -> Created:
+    async def _create(self, generation: int, started: float) -> Created:
         driver: AsyncDriver | None = None
-        limit = self.config.connection_acquisition_timeout
+        config = self.config
+        limit = config.connection_acquisition_timeout
+        began = time.monotonic()
+        seconds = 0.0
         try:
-            driver = self._factory(self.config)
             try:
                 async with asyncio.timeout(limit):
+                    if config.credentials is not None:
+                        config = config.for_driver(await config.auth_for_new_driver())
+                    driver = self._factory(config)
                     await driver.verify_connectivity()
             except TimeoutError:
                 # Report it the way the driver reports a server it cannot reach.
                 raise ServiceUnavailable(f"could not connect within {limit:g} s") from None
+            seconds = time.monotonic() - began
         except BaseException as exc:
             if driver is not None:
                 await _close_quietly(driver)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return Created(None, exc, contextvars.copy_context())
-        pooled = PooledDriver(driver, time.monotonic())
-        return Created(pooled, None, contextvars.copy_context())
+            return Created(None, exc, contextvars.copy_context(), started)
+        hook = config.on_create
+        if hook is not None:
+            try:
+                async with asyncio.timeout(limit):
+                    await hook(driver)
+            except BaseException as exc:
+                await _close_quietly(driver)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return Created(None, exc, contextvars.copy_context(), started, seconds, True)
+        pooled = PooledDriver(driver, time.monotonic(), generation)
+        return Created(pooled, None, contextvars.copy_context(), started, seconds)
 
-    async def _check(self, pooled: PooledDriver) -> Checked:
+    async def _check(self, pooled: PooledDriver, hook: bool, verify: bool) -> Checked:
+        hook_error: Exception | None = None
+        timeout = self.config.health_check_timeout
+        on_return = self.config.on_return
+        if hook and on_return is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await on_return(pooled.driver)
+            except Exception as exc:
+                hook_error = exc
+        if not verify and hook_error is None:
+            return Checked(pooled, verified=False)
         try:
-            async with asyncio.timeout(self.config.health_check_timeout):
+            async with asyncio.timeout(timeout):
                 await pooled.driver.verify_connectivity()
         except Exception as exc:
-            return Checked(pooled, exc)
-        return Checked(pooled)
+            return Checked(pooled, exc, hook_error)
+        return Checked(pooled, None, hook_error)
 
     async def _close(self, pooled: PooledDriver) -> Closed:
         await _close_quietly(pooled.driver)
@@ -346,9 +432,9 @@ class Actor:
         if bell is not None and not bell.done():
             bell.set_result(None)
 
-    def _expire(self, borrow: Borrow) -> None:
-        borrow.expiry = None
-        self.post(Withdraw(borrow))
+    def _expire(self, request: Borrow | WaitReady) -> None:
+        request.expiry = None
+        self.post(Withdraw(request))
 
     def _arm_timer(self) -> None:
         self._timer = self.loop.call_later(self._tick_interval(), self._on_timer)
@@ -374,7 +460,7 @@ class Actor:
             self._timer.cancel()
             self._timer = None
         closed = BrokerClosed(f"the pool of loop {self.key} has stopped")
-        self.pool.fail_waiters(closed)
+        self.pool.fail_waiting(closed)
         # Refuse new mail, then answer what is already there.
         self._mailbox.shutdown()
         while True:
@@ -383,10 +469,10 @@ class Actor:
             except (asyncio.QueueEmpty, janus.AsyncQueueShutDown):
                 break
             if isinstance(message, StatsRequest):
-                message.reply(self.snapshot())
+                self._on_stats(message)
             elif isinstance(message, Shutdown) and message.done is not None:
                 self._stopped_callbacks.append(message.done)
-            elif isinstance(message, Borrow):
+            elif isinstance(message, Borrow | WaitReady | CheckNow):
                 _fail(message.waiter, closed)
         self.emit(log.INFO, "actor.stopped", created=self.pool.created, closed=self.pool.closed)
         self._on_stopped(self, loop_ending)
@@ -400,7 +486,7 @@ class Actor:
 
     def snapshot(self) -> dict[str, Any]:
         """The pool's counters (read it in the loop's thread for a consistent view)."""
-        return self.pool.snapshot()
+        return self.pool.snapshot(time.monotonic())
 
     def log_fields(self) -> dict[str, Any]:
         """The loop key, thread name and pool counters every event carries."""
@@ -428,10 +514,10 @@ def _fail(waiter: asyncio.Future[Any], error: BaseException) -> None:
         waiter.set_exception(error)
 
 
-def _disarm(borrow: Borrow) -> None:
-    if borrow.expiry is not None:
-        borrow.expiry.cancel()
-        borrow.expiry = None
+def _disarm(request: Request) -> None:
+    if request.expiry is not None:
+        request.expiry.cancel()
+        request.expiry = None
 
 
 async def _close_quietly(driver: AsyncDriver) -> None:

@@ -11,8 +11,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import math
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -20,10 +22,20 @@ import neo4j
 
 from broker import inherited, log
 from broker.actor import Actor, DriverFactory
-from broker.config import Neo4jConnectionConfig
+from broker.config import Neo4jConnectionConfig, check_sizes
 from broker.connection import Connection
 from broker.errors import BrokerClosed, BrokerError
-from broker.messages import Shutdown, StatsRequest
+from broker.histogram import HOLD_BUCKETS, WAIT_BUCKETS, Histogram
+from broker.messages import (
+    CheckNow,
+    Drain,
+    Message,
+    Resize,
+    Shutdown,
+    StatsRequest,
+    WaitReady,
+    Withdraw,
+)
 from broker.pool import COUNTERS
 from broker.registry import LoopRegistry, loop_key
 from broker.workspace import check_workspace, prepare_workspace
@@ -53,8 +65,14 @@ class Broker:
         self._factory = driver_factory or default_driver_factory
         self._registry = LoopRegistry()
         self._prepared: dict[str, str] = {}
-        self._retired = dict.fromkeys(COUNTERS, 0)
+        self._retired = dict.fromkeys(COUNTERS, 0.0)
+        self._retired_histograms = _new_histograms()
         self._retired_lock = threading.Lock()
+        # What every pool, present and future, must follow: sizes (with the
+        # version that orders resizes) and the drain generation.
+        self._settings_lock = threading.Lock()
+        self._sizes = (self.config.pool_min_size, self.config.pool_max_size, 0)
+        self._generation = 0
         preparer = self.config.database_preparer
         self._preparer = preparer or functools.partial(
             prepare_workspace, database=self.config.database, indexes=self.config.indexes
@@ -102,13 +120,106 @@ class Broker:
             raise BrokerClosed(f"this broker is closed; {self._closed_hint}") from None
 
     def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
-        return Actor(self.config, loop, loop_key(), self._factory, self._actor_stopped)
+        with self._settings_lock:
+            sizes, generation = self._sizes, self._generation
+        return Actor(
+            self.config,
+            loop,
+            loop_key(),
+            self._factory,
+            self._actor_stopped,
+            sizes=sizes,
+            generation=generation,
+        )
 
     def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
         self._registry.retire(actor, loop_ended)
+        pool = actor.pool
         with self._retired_lock:
             for name in COUNTERS:
-                self._retired[name] += getattr(actor.pool, name)
+                self._retired[name] += getattr(pool, name)
+            self._retired_histograms["borrow_wait"].add(pool.wait_histogram)
+            self._retired_histograms["hold"].add(pool.hold_histogram)
+
+    # -- the pool of the calling loop ------------------------------------------
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait until this loop's pool holds ``pool_min_size`` verified drivers.
+
+        Starts them now if need be. Raises the error that stopped a driver
+        from being made (``AuthError``, ``ServiceUnavailable`` ...) as soon
+        as it happens, or :class:`~broker.BorrowTimeout` after ``timeout``
+        seconds (default ``borrow_timeout``) saying what the pool was doing.
+        A service can so fail fast at start.
+        """
+        timeout = self.config.borrow_timeout if timeout is None else _check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        await self._ask(loop, WaitReady(waiter, timeout))
+
+    async def check(self) -> int:
+        """Verify every idle driver of this loop's pool now; return how many were discarded.
+
+        Drivers that fail are closed; the pool makes new ones as it needs them.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[int] = loop.create_future()
+        discarded: int = await self._ask(loop, CheckNow(waiter))
+        return discarded
+
+    async def _ask(self, loop: asyncio.AbstractEventLoop, request: WaitReady | CheckNow) -> Any:
+        actor = self._actor_for(loop)
+        if not actor.post(request):
+            raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
+        try:
+            return await request.waiter
+        except asyncio.CancelledError:
+            if isinstance(request, WaitReady) and request.waiter.cancelled():
+                actor.post(Withdraw(request))
+            raise
+
+    # -- every pool, from any thread -------------------------------------------
+
+    def resize(self, min_size: int, max_size: int) -> None:
+        """Change every loop's pool bounds, now and for loops to come (any thread).
+
+        Growing starts drivers for waiting borrowers and up to the new
+        minimum. Shrinking closes idle drivers above the new maximum at once
+        and drivers in use as they come back: no new driver is made while a
+        pool holds ``max_size`` or more. A loop that is not running applies
+        it when it next runs. ``broker.config`` keeps the configured sizes;
+        stats show the current ones.
+        """
+        check_sizes(min_size, max_size)
+        with self._settings_lock:
+            version = self._sizes[2] + 1
+            self._sizes = (min_size, max_size, version)
+        if log.enabled(log.INFO):
+            log.emit(log.INFO, "broker.resize", min_size=min_size, max_size=max_size)
+        self._post_all(Resize(min_size, max_size, version))
+
+    def drain(self) -> None:
+        """Replace every driver of every loop (any thread): idle ones now, the others on return.
+
+        For credential rotation (with ``credentials=``, new drivers
+        authenticate afresh), a server failover or a new certificate.
+        Borrowers are not disturbed: a driver in use closes only when it
+        comes back, and the pool makes new ones as it needs them.
+        """
+        with self._settings_lock:
+            self._generation += 1
+            generation = self._generation
+        if log.enabled(log.INFO):
+            log.emit(log.INFO, "broker.drain", generation=generation)
+        self._post_all(Drain(generation))
+
+    def _post_all(self, message: Message) -> None:
+        here = asyncio._get_running_loop()
+        for actor in self._registry.actors():
+            if actor.loop is here:
+                actor.post(message)
+            else:
+                actor.post_threadsafe(message)
 
     # -- workspaces ------------------------------------------------------------
 
@@ -192,6 +303,45 @@ class Broker:
             concurrent.futures.wait(pending.values(), timeout=timeout)
         return self._collect(pending, here)
 
+    def pop_stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+        """:meth:`stats_sync`, with each counter counted since the previous call (any thread).
+
+        The counters of this view are reset, as in psycopg_pool; the counters
+        of :meth:`stats`, :meth:`totals` and Prometheus keep growing. A loop
+        that does not answer within ``timeout`` seconds is reported with
+        ``responsive: False`` and left as it was.
+        """
+        here = asyncio._get_running_loop()
+        pending: dict[Actor, concurrent.futures.Future[dict[str, Any]]] = {}
+        for actor in self._registry.actors():
+            if actor.loop is here or not actor.loop.is_running():
+                continue  # read and reset below, from this thread
+            asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+            message = StatsRequest(functools.partial(_set_once, asked), pop_for=asked)
+            if actor.post_threadsafe(message):
+                pending[actor] = asked
+        if pending:
+            concurrent.futures.wait(pending.values(), timeout=timeout)
+        result: dict[str, dict[str, Any]] = {}
+        now = time.monotonic()
+        for actor in self._registry.actors():
+            answer = pending.get(actor)
+            if answer is None:
+                # Our own loop (blocked by this call) or a loop that is not
+                # running: nothing else touches its pool now.
+                entry = actor.pool.pop_stats(now)
+                entry["responsive"] = True
+            elif answer.cancel() or not answer.done():
+                entry = actor.pool.peek_stats(now)  # it gave no answer: nothing reset
+                entry["responsive"] = False
+            else:
+                entry = dict(answer.result())
+                entry["responsive"] = True
+            entry["loop_running"] = actor.loop.is_running()
+            entry["loop_id"] = str(id(actor.loop))
+            result[actor.key] = entry
+        return result
+
     def _collect(
         self, answers: dict[Actor, Any], here: asyncio.AbstractEventLoop | None
     ) -> dict[str, dict[str, Any]]:
@@ -213,12 +363,21 @@ class Broker:
         return result
 
     def totals(self) -> dict[str, int]:
-        """Counters summed over every loop this broker ever served."""
+        """Counters summed over every loop this broker ever served (they never go back)."""
         with self._retired_lock:
             sums = dict(self._retired)
         for actor in self._registry.actors():
             for name in COUNTERS:
                 sums[name] += getattr(actor.pool, name)
+        return {name: round(value) for name, value in sums.items()}
+
+    def histograms(self) -> dict[str, Histogram]:
+        """Borrow waits (``borrow_wait``) and hold times (``hold``), over every loop ever."""
+        with self._retired_lock:
+            sums = {name: h.copy() for name, h in self._retired_histograms.items()}
+        for actor in self._registry.actors():
+            sums["borrow_wait"].add(actor.pool.wait_histogram)
+            sums["hold"].add(actor.pool.hold_histogram)
         return sums
 
     # -- closing ---------------------------------------------------------------
@@ -290,7 +449,24 @@ class Broker:
         inherited.keep(actors)
         inherited.detach(actor.loop for actor in actors)
         self._retired_lock = threading.Lock()
-        self._retired = dict.fromkeys(COUNTERS, 0)
+        self._retired = dict.fromkeys(COUNTERS, 0.0)
+        self._retired_histograms = _new_histograms()
+        self._settings_lock = threading.Lock()
+
+
+def _new_histograms() -> dict[str, Histogram]:
+    return {"borrow_wait": Histogram(WAIT_BUCKETS), "hold": Histogram(HOLD_BUCKETS)}
+
+
+def _check_timeout(timeout: Any) -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or math.isnan(timeout)
+        or timeout < 0
+    ):
+        raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def _set_once(

@@ -9,6 +9,7 @@ out takes its value from the environment (``NEO4J_URI`` ...) when set there.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import urllib.parse
@@ -17,15 +18,22 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+import neo4j
+from neo4j.auth_management import AsyncAuthManager
+
 if TYPE_CHECKING:
     from neo4j import AsyncDriver
 
 __all__ = [
     "SEED_INDEXES",
     "SUPPORTED_SCHEMES",
+    "CredentialsProvider",
     "DatabasePreparer",
+    "DriverHook",
     "IndexSpec",
     "Neo4jConnectionConfig",
+    "ReconnectFailed",
+    "check_sizes",
     "redact_uri",
 ]
 
@@ -36,6 +44,24 @@ SUPPORTED_SCHEMES = frozenset({"bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s",
 
 #: ``(driver, workspace) -> database name``: prepares a workspace's database.
 DatabasePreparer = Callable[["AsyncDriver", str], Awaitable[str]]
+
+#: Called with no arguments for each new driver, sync or async. Returns
+#: ``(username, password)``, a password (for ``username``), a ``neo4j.Auth``,
+#: or a new ``neo4j.auth_management.AsyncAuthManager`` for that driver alone.
+CredentialsProvider = Callable[[], Any]
+
+#: ``async (driver) -> None``: run on a new driver (``on_create``) or on a
+#: returned one (``on_return``).
+DriverHook = Callable[["AsyncDriver"], Awaitable[None]]
+
+#: ``(pool stats) -> None``, sync or async: a pool could not reach
+#: ``pool_min_size`` for ``reconnect_timeout`` seconds.
+ReconnectFailed = Callable[[Mapping[str, Any]], Any]
+
+# Fields holding code, not values: never read from the environment or shown.
+_CALLABLE_FIELDS = frozenset(
+    {"database_preparer", "credentials", "on_create", "on_return", "reconnect_failed"}
+)
 
 # Driver settings the config owns; driver_options may not set them again.
 _OWNED_DRIVER_OPTIONS = frozenset(
@@ -167,13 +193,27 @@ class Neo4jConnectionConfig:
     database_preparer: DatabasePreparer | None = field(default=None, compare=False)
     #: Other ``neo4j.AsyncGraphDatabase.driver`` options, passed unchanged.
     driver_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    #: Borrowers that may wait at once in one loop; beyond, ``TooManyWaiters``. 0: no limit.
+    max_waiting: int = _env("max_waiting", 0)
+    #: A driver handed out this many times is replaced when it comes back.
+    max_borrows: int | None = _env("max_borrows", None)
+    #: After this long unable to reach ``pool_min_size``, ``reconnect_failed`` is called.
+    reconnect_timeout: float | None = _env("reconnect_timeout", 300.0)
+    #: Credentials evaluated for each new driver (see :data:`CredentialsProvider`).
+    credentials: CredentialsProvider | None = field(default=None, compare=False)
+    #: Run once on each new driver, after it was verified, before its first borrow.
+    on_create: DriverHook | None = field(default=None, compare=False)
+    #: Run on each returned driver; if it fails, the driver is verified or discarded.
+    on_return: DriverHook | None = field(default=None, compare=False)
+    #: Called when a pool stayed below ``pool_min_size`` for ``reconnect_timeout``.
+    reconnect_failed: ReconnectFailed | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self._check_uri()
         for name in ("username", "password"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
-        for name in ("max_connection_pool_size", "pool_max_size", "pool_min_size"):
+        for name in ("max_connection_pool_size", "max_waiting"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
@@ -181,15 +221,21 @@ class Neo4jConnectionConfig:
             raise ValueError(
                 f"max_connection_pool_size must be at least 1, got {self.max_connection_pool_size}"
             )
-        if self.pool_max_size < 1:
-            raise ValueError(f"pool_max_size must be at least 1, got {self.pool_max_size}")
-        if self.pool_min_size < 0:
-            raise ValueError(f"pool_min_size must not be negative, got {self.pool_min_size}")
-        if self.pool_min_size > self.pool_max_size:
+        check_sizes(self.pool_min_size, self.pool_max_size, "pool_min_size", "pool_max_size")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be zero (no limit) or more, got {self.max_waiting}")
+        if self.max_borrows is not None and (
+            isinstance(self.max_borrows, bool)
+            or not isinstance(self.max_borrows, int)
+            or self.max_borrows < 1
+        ):
             raise ValueError(
-                f"pool_min_size ({self.pool_min_size}) must not exceed "
-                f"pool_max_size ({self.pool_max_size})"
+                f"max_borrows must be an integer of 1 or more, or None, got {self.max_borrows!r}"
             )
+        for name in sorted(_CALLABLE_FIELDS - {"database_preparer"}):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be a callable or None, got {type(value).__name__}")
         for name in (
             "connection_timeout",
             "connection_acquisition_timeout",
@@ -202,6 +248,7 @@ class Neo4jConnectionConfig:
         _check_duration("health_check_interval", self.health_check_interval, True, True)
         _check_duration("max_lifetime", self.max_lifetime, True, False)
         _check_duration("max_idle_time", self.max_idle_time, True, False)
+        _check_duration("reconnect_timeout", self.reconnect_timeout, True, False)
         if self.database is not None and (not isinstance(self.database, str) or not self.database):
             raise ValueError("database must be a non-empty string or None")
         object.__setattr__(self, "indexes", _check_indexes(self.indexes))
@@ -209,6 +256,13 @@ class Neo4jConnectionConfig:
             raise ValueError("database_preparer must be an async callable (driver, workspace)")
         if not isinstance(self.driver_options, Mapping):
             raise ValueError("driver_options must be a mapping of driver settings")
+        if "auth" in self.driver_options:
+            raise ValueError(
+                "driver_options may not set auth: use username and password, or "
+                "credentials=, a callable run for each new driver that may return a new "
+                "auth manager (one auth manager cannot be shared by drivers of different "
+                "event loops: its lock belongs to one loop)"
+            )
         clash = sorted(_OWNED_DRIVER_OPTIONS & set(self.driver_options))
         if clash:
             raise ValueError(
@@ -248,7 +302,7 @@ class Neo4jConnectionConfig:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if f.name not in {"password", "database_preparer", "driver_options"}
+            if f.name not in {"password", "driver_options", *_CALLABLE_FIELDS}
         )
         options = sorted(self.driver_options)
         return f"Neo4jConnectionConfig({shown}, password='***', driver_options={options!r})"
@@ -259,14 +313,48 @@ class Neo4jConnectionConfig:
 
     def driver_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``neo4j.AsyncGraphDatabase.driver``."""
+        auth = self.__dict__.get("_driver_auth")
         return {
-            "auth": (self.username, self.password),
+            "auth": (self.username, self.password) if auth is None else auth,
             "max_connection_pool_size": self.max_connection_pool_size,
             "connection_timeout": self.connection_timeout,
             "connection_acquisition_timeout": self.connection_acquisition_timeout,
             "max_transaction_retry_time": self.max_transaction_retry_time,
             **self.driver_options,
         }
+
+    async def auth_for_new_driver(self) -> Any:
+        """What the next driver authenticates with: ``credentials()`` if set."""
+        provider = self.credentials
+        if provider is None:
+            return (self.username, self.password)
+        value = provider()
+        if inspect.isawaitable(value):
+            value = await value
+        if isinstance(value, str):
+            return (self.username, value)
+        if (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and all(isinstance(part, str) for part in value)
+        ) or isinstance(value, neo4j.Auth | AsyncAuthManager):
+            return value
+        # Never show the value: it may hold a secret.
+        raise TypeError(
+            "credentials() must return (username, password), a password, a neo4j.Auth "
+            f"or an AsyncAuthManager, got {type(value).__name__}"
+        )
+
+    def for_driver(self, auth: Any) -> Self:
+        """This config, with ``auth`` (from :meth:`auth_for_new_driver`) as the driver's auth."""
+        if auth == (self.username, self.password) and self.credentials is None:
+            return self
+        if isinstance(auth, tuple):
+            twin = dataclasses.replace(self, username=auth[0], password=auth[1], credentials=None)
+        else:
+            twin = dataclasses.replace(self, credentials=None)
+        object.__setattr__(twin, "_driver_auth", auth)
+        return twin
 
     @classmethod
     def from_env(
@@ -300,8 +388,12 @@ def _check_port(parts: urllib.parse.SplitResult, uri: str) -> None:
         raise ValueError(f"port {int(port)} {where} is out of range (1-65535)")
 
 
-_INT_FIELDS = frozenset({"max_connection_pool_size", "pool_max_size", "pool_min_size"})
-_OPTIONAL_FIELDS = frozenset({"health_check_interval", "max_lifetime", "max_idle_time"})
+_INT_FIELDS = frozenset(
+    {"max_connection_pool_size", "pool_max_size", "pool_min_size", "max_waiting", "max_borrows"}
+)
+_OPTIONAL_FIELDS = frozenset(
+    {"health_check_interval", "max_lifetime", "max_idle_time", "max_borrows", "reconnect_timeout"}
+)
 _STRING_FIELDS = frozenset({"uri", "username", "password", "database"})
 
 
@@ -337,6 +429,21 @@ def _check_indexes(indexes: Any) -> tuple[IndexSpec, ...]:
             raise ValueError(f"{message}, got {pair!r}")
         checked.append((label, prop))
     return tuple(checked)
+
+
+def check_sizes(
+    min_size: Any, max_size: Any, min_name: str = "min_size", max_name: str = "max_size"
+) -> None:
+    """Raise ``ValueError`` unless ``0 <= min_size <= max_size`` and ``max_size >= 1``."""
+    for name, value in ((max_name, max_size), (min_name, min_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if max_size < 1:
+        raise ValueError(f"{max_name} must be at least 1, got {max_size}")
+    if min_size < 0:
+        raise ValueError(f"{min_name} must not be negative, got {min_size}")
+    if min_size > max_size:
+        raise ValueError(f"{min_name} ({min_size}) must not exceed {max_name} ({max_size})")
 
 
 def _check_duration(name: str, value: Any, allow_none: bool, allow_zero: bool) -> None:

@@ -44,14 +44,18 @@ _driver_ids = itertools.count(1)
 class PooledDriver:
     """One ``neo4j.AsyncDriver`` and what the pool knows about it."""
 
-    __slots__ = ("created_at", "driver", "id", "last_checked", "last_used")
+    __slots__ = ("borrows", "created_at", "driver", "generation", "id", "last_checked", "last_used")
 
-    def __init__(self, driver: AsyncDriver, now: float) -> None:
+    def __init__(self, driver: AsyncDriver, now: float, generation: int = 0) -> None:
         self.driver = driver
         self.id = next(_driver_ids)
         self.created_at = now
         self.last_used = now
         self.last_checked = now
+        #: How many times it was handed out (for ``max_borrows``).
+        self.borrows = 0
+        #: The pool's drain generation when it was made: older ones are replaced.
+        self.generation = generation
 
     def has_expired(self, now: float, max_lifetime: float | None) -> bool:
         """Older than ``max_lifetime``: close it rather than reuse it."""

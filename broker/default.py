@@ -19,13 +19,18 @@ from broker.connection import Connection
 __all__ = [
     "aclose",
     "borrow",
+    "check",
     "close",
     "configure",
+    "drain",
     "get_broker",
+    "pop_stats",
     "release",
+    "resize",
     "stats",
     "stats_sync",
     "totals",
+    "wait",
 ]
 
 _lock = threading.Lock()
@@ -91,6 +96,31 @@ def stats_sync(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
 def totals() -> dict[str, int]:
     """Counters of the default broker summed over every loop it served."""
     return get_broker().totals()
+
+
+def pop_stats(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Per-loop counters of the default broker since the previous call, then reset them."""
+    return get_broker().pop_stats(timeout)
+
+
+async def wait(timeout: float | None = None) -> None:
+    """Wait until this loop's pool of the default broker holds ``pool_min_size`` drivers."""
+    await get_broker().wait(timeout)
+
+
+async def check() -> int:
+    """Verify this loop's idle drivers of the default broker; return how many were discarded."""
+    return await get_broker().check()
+
+
+def resize(min_size: int, max_size: int) -> None:
+    """Change the pool bounds of every loop of the default broker (any thread)."""
+    get_broker().resize(min_size, max_size)
+
+
+def drain() -> None:
+    """Replace every driver of the default broker (any thread): idle now, in use on return."""
+    get_broker().drain()
 
 
 async def aclose(timeout: float | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["BorrowTimeout", "BrokerClosed", "BrokerError"]
+__all__ = ["BorrowTimeout", "BrokerClosed", "BrokerError", "TooManyWaiters"]
 
 
 class BrokerError(Exception):
@@ -18,24 +18,50 @@ class BrokerError(Exception):
 
 
 class BorrowTimeout(BrokerError, TimeoutError):
-    """No driver could be handed out in time.
+    """No driver could be handed out in time (or, from ``wait()``, the pool was not ready).
 
     ``pool`` holds the loop's counters at the moment the wait ended, so the
-    message says whether the pool was full, still connecting or failing.
+    message says whether the pool was full, still connecting or failing:
+    where drivers are connecting and for how long, and the last creation
+    error, which is also the exception's ``__cause__``.
     """
 
-    def __init__(self, timeout: float, pool: Mapping[str, Any]) -> None:
+    def __init__(self, timeout: float, pool: Mapping[str, Any], ready: bool = False) -> None:
         self.timeout = timeout
         self.pool = dict(pool)
+        self.ready = ready
+        if ready:
+            head = (
+                f"pool not ready within {timeout:g} s: {pool.get('ready')} of "
+                f"{pool.get('min_size')} drivers ready"
+            )
+        else:
+            head = f"no driver available within {timeout:g} s"
         super().__init__(
-            f"no driver available within {timeout:g} s "
-            f"(loop {pool.get('loop')}: in_use={pool.get('in_use')}, "
+            f"{head} (loop {pool.get('loop')}: in_use={pool.get('in_use')}, "
             f"available={pool.get('available')}, creating={pool.get('creating')}, "
-            f"waiting={pool.get('waiting')}, max_size={pool.get('max_size')})"
+            f"waiting={pool.get('waiting')}, max_size={pool.get('max_size')})" + _why(pool)
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.timeout, self.pool))
+        return (type(self), (self.timeout, self.pool, self.ready))
+
+
+def _why(pool: Mapping[str, Any]) -> str:
+    """What the drivers being made are doing: where, how long, the last error."""
+    text = ""
+    creating = pool.get("creating") or 0
+    if creating:
+        plural = "driver" if creating == 1 else "drivers"
+        seconds = (pool.get("connecting_ms") or 0) / 1000
+        text += f"; {creating} {plural} connecting to {pool.get('target')} for {seconds:.1f} s"
+    if pool.get("last_error"):
+        text += f"; last creation error: {pool['last_error']}"
+    return text
+
+
+class TooManyWaiters(BrokerError):
+    """A borrow would have queued beyond ``max_waiting``; the pool was left untouched."""
 
 
 class BrokerClosed(BrokerError):

@@ -1,18 +1,21 @@
 """What goes through an actor's mailbox.
 
-Borrowers send :class:`Borrow`, :class:`Withdraw` and :class:`Return`. The
-actor's own jobs (creating, checking and closing drivers) report back with
-:class:`Created`, :class:`Checked` and :class:`Closed`. Other threads ask for
-:class:`StatsRequest` and :class:`Shutdown`. :class:`Tick` is the actor's
+Borrowers send :class:`Borrow`, :class:`Withdraw` and :class:`Return`;
+:func:`broker.wait` and :func:`broker.check` send :class:`WaitReady` and
+:class:`CheckNow`. The actor's own jobs (creating, checking and closing
+drivers) report back with :class:`Created`, :class:`Checked` and
+:class:`Closed`. Any thread may send :class:`StatsRequest`, :class:`Resize`,
+:class:`Drain` and :class:`Shutdown`. :class:`Tick` is the actor's
 maintenance clock.
 
-Messages compare by identity: a :class:`Withdraw` names the very
-:class:`Borrow` it cancels.
+Messages compare by identity: a :class:`Withdraw` names the very request it
+cancels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,14 +26,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Borrow",
+    "CheckNow",
     "Checked",
     "Closed",
     "Created",
+    "Drain",
     "Message",
+    "Request",
+    "Resize",
     "Return",
     "Shutdown",
     "StatsRequest",
     "Tick",
+    "WaitReady",
     "Withdraw",
 ]
 
@@ -46,6 +54,8 @@ class Borrow:
     #: The borrower's context: a driver created for it logs with its fields.
     context: contextvars.Context
     expiry: asyncio.TimerHandle | None = None
+    #: When the pool took it (``time.monotonic()``), to measure the wait.
+    queued_at: float = 0.0
 
     def pending(self) -> bool:
         """Still waiting for an answer (not served, failed or cancelled)."""
@@ -53,10 +63,39 @@ class Borrow:
 
 
 @dataclass(slots=True, eq=False)
-class Withdraw:
-    """A waiting borrower was cancelled and no longer wants a driver."""
+class WaitReady:
+    """Someone waits until the pool holds ``pool_min_size`` verified drivers."""
 
-    borrow: Borrow
+    waiter: asyncio.Future[None]
+    timeout: float
+    expiry: asyncio.TimerHandle | None = None
+
+    def pending(self) -> bool:
+        """Still waiting for an answer."""
+        return not self.waiter.done()
+
+
+@dataclass(slots=True, eq=False)
+class CheckNow:
+    """Verify every idle driver now; the answer is how many were discarded."""
+
+    waiter: asyncio.Future[int]
+    expiry: asyncio.TimerHandle | None = None
+
+    def pending(self) -> bool:
+        """Still waiting for an answer."""
+        return not self.waiter.done()
+
+
+#: What a caller waits on the pool for.
+Request = Borrow | WaitReady | CheckNow
+
+
+@dataclass(slots=True, eq=False)
+class Withdraw:
+    """A waiting caller was cancelled, or its time is up."""
+
+    request: Borrow | WaitReady
 
 
 @dataclass(slots=True, eq=False)
@@ -75,14 +114,26 @@ class Created:
     error: BaseException | None = None
     #: The context the job ran in (the borrower's): its events are logged in it.
     context: contextvars.Context | None = None
+    #: When the job started (``time.monotonic()``), as the pool recorded it.
+    started: float = 0.0
+    #: How long connecting and verifying took, when they succeeded.
+    seconds: float = 0.0
+    #: The error came from the ``on_create`` hook, after a good connection.
+    hook_failed: bool = False
 
 
 @dataclass(slots=True, eq=False)
 class Checked:
-    """A health check finished; ``error`` is None when the driver is fine."""
+    """A check job finished; ``error`` is None when the driver is fine.
+
+    ``hook_error`` is what the ``on_return`` hook raised, if it ran and
+    failed; ``verified`` says whether the driver was verified.
+    """
 
     driver: PooledDriver
     error: BaseException | None = None
+    hook_error: BaseException | None = None
+    verified: bool = True
 
 
 @dataclass(slots=True, eq=False)
@@ -95,9 +146,30 @@ class Closed:
 
 @dataclass(slots=True, eq=False)
 class StatsRequest:
-    """Someone wants the pool's counters; ``reply`` may be called from any thread."""
+    """Someone wants the pool's counters; ``reply`` may be called from any thread.
+
+    With ``pop_for``, the counters are also reset (``broker.pop_stats()``),
+    unless that future is already done: its asker has given up.
+    """
 
     reply: Callable[[dict[str, Any]], None]
+    pop_for: concurrent.futures.Future[Any] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Resize:
+    """New pool sizes; ``version`` orders resizes sent from several threads."""
+
+    min_size: int
+    max_size: int
+    version: int
+
+
+@dataclass(slots=True, eq=False)
+class Drain:
+    """Replace every driver made before ``generation``: idle ones now, the others on return."""
+
+    generation: int
 
 
 @dataclass(slots=True, eq=False)
@@ -118,4 +190,18 @@ class Tick:
     """Time for maintenance: idle and old drivers, the minimum size, deadlines."""
 
 
-Message = Borrow | Withdraw | Return | Created | Checked | Closed | StatsRequest | Shutdown | Tick
+Message = (
+    Borrow
+    | Withdraw
+    | Return
+    | Created
+    | Checked
+    | Closed
+    | StatsRequest
+    | Shutdown
+    | Tick
+    | WaitReady
+    | CheckNow
+    | Resize
+    | Drain
+)
