@@ -21,12 +21,22 @@ between tasks are read directly, running ones are asked) and exports, with
 - counters ``broker_pool_borrows_total``, ``broker_pool_timeouts_total``,
   ``broker_pool_cancellations_total``, ``broker_pool_errors_total``,
   ``broker_pool_drivers_created_total``, ``broker_pool_drivers_closed_total``,
-  ``broker_pool_drivers_discarded_total``.
+  ``broker_pool_drivers_discarded_total``, ``broker_pool_rejected_total``,
+  ``broker_pool_requests_queued_total``, ``broker_pool_connect_errors_total``,
+  ``broker_pool_returns_bad_total``, ``broker_pool_drivers_lost_total``,
+  ``broker_pool_hook_errors_total``, and the time sums
+  ``broker_pool_wait_seconds_total``, ``broker_pool_usage_seconds_total``,
+  ``broker_pool_connect_seconds_total``.
 
 A loop's series go away when the loop ends. The same counters summed over
 every loop the broker ever served, which never go back, are exported
 without labels (``broker_borrows_total``, ``broker_drivers_created_total``
-...), with the number of live loops in ``broker_loops``.
+...), with the number of live loops in ``broker_loops``, and two histograms
+over every loop: ``broker_borrow_wait_seconds`` (how long each borrow waited
+for its driver) and ``broker_hold_seconds`` (how long each driver was held).
+
+Every exported counter reads counters that only grow: ``pop_stats()``
+resets its own view only.
 
 Under a prefork Celery worker each child process has its own pools, and so
 its own collector to scrape.
@@ -42,6 +52,7 @@ try:
         REGISTRY,
         CounterMetricFamily,
         GaugeMetricFamily,
+        HistogramMetricFamily,
         Metric,
     )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -76,6 +87,22 @@ _COUNTERS = {
     "created": ("pool_drivers_created", "Drivers created"),
     "closed": ("pool_drivers_closed", "Drivers closed"),
     "discarded": ("pool_drivers_discarded", "Drivers discarded after a failed check"),
+    "rejected": ("pool_rejected", "Borrows refused at once by max_waiting"),
+    "requests_queued": ("pool_requests_queued", "Borrows that had to wait"),
+    "connect_errors": ("pool_connect_errors", "Connection attempts that failed"),
+    "returns_bad": ("pool_returns_bad", "Drivers returned after a connection error"),
+    "drivers_lost": ("pool_drivers_lost", "Drivers that failed a check"),
+    "hook_errors": ("pool_hook_errors", "on_create and on_return calls that failed"),
+}
+# stats key (milliseconds) -> (metric name, help); exported in seconds.
+_SECONDS = {
+    "wait_ms": ("pool_wait_seconds", "Time borrows spent waiting for a driver"),
+    "usage_ms": ("pool_usage_seconds", "Time drivers were held by borrowers"),
+    "connect_ms": ("pool_connect_seconds", "Time spent connecting new drivers"),
+}
+_HISTOGRAMS = {
+    "borrow_wait": ("borrow_wait_seconds", "How long each borrow waited for its driver"),
+    "hold": ("hold_seconds", "How long each borrowed driver was held"),
 }
 _TOTALS = {
     "borrows": ("borrows", "Borrows served, over every loop"),
@@ -85,6 +112,12 @@ _TOTALS = {
     "created": ("drivers_created", "Drivers created, over every loop"),
     "closed": ("drivers_closed", "Drivers closed, over every loop"),
     "discarded": ("drivers_discarded", "Drivers discarded, over every loop"),
+    "rejected": ("rejected", "Borrows refused by max_waiting, over every loop"),
+    "requests_queued": ("requests_queued", "Borrows that had to wait, over every loop"),
+    "connect_errors": ("connect_errors", "Failed connection attempts, over every loop"),
+    "returns_bad": ("returns_bad", "Drivers returned after a connection error, over every loop"),
+    "drivers_lost": ("drivers_lost", "Drivers that failed a check, over every loop"),
+    "hook_errors": ("hook_errors", "Hook calls that failed, over every loop"),
 }
 
 
@@ -119,12 +152,17 @@ class BrokerCollector:
             labels = [str(entry.get("loop", "")), str(entry.get("thread", ""))]
             for key in (*_GAUGES, *_COUNTERS):
                 families[key].add_metric(labels, float(entry.get(key, 0)))
+            for key in _SECONDS:
+                families[key].add_metric(labels, float(entry.get(key, 0)) / 1000)
             for flag in ("responsive", "loop_running"):
                 families[flag].add_metric(labels, 1.0 if entry.get(flag) else 0.0)
         totals = source.totals()
         for key in _TOTALS:
             families[f"all_{key}"].add_metric([], float(totals.get(key, 0)))
         families["loops"].add_metric([], float(len(stats)))
+        for key, histogram in source.histograms().items():
+            buckets = [(_le(bound), float(count)) for bound, count in histogram.cumulative()]
+            families[f"histogram_{key}"].add_metric([], buckets, histogram.sum)
         yield from families.values()
 
     def _families(self) -> dict[str, Any]:
@@ -133,6 +171,8 @@ class BrokerCollector:
         for key, (name, text) in _GAUGES.items():
             families[key] = GaugeMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
         for key, (name, text) in _COUNTERS.items():
+            families[key] = CounterMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
+        for key, (name, text) in _SECONDS.items():
             families[key] = CounterMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
         families["responsive"] = GaugeMetricFamily(
             f"{ns}_pool_responsive",
@@ -147,7 +187,13 @@ class BrokerCollector:
         for key, (name, text) in _TOTALS.items():
             families[f"all_{key}"] = CounterMetricFamily(f"{ns}_{name}", text)
         families["loops"] = GaugeMetricFamily(f"{ns}_loops", "Event loops with a live pool")
+        for key, (name, text) in _HISTOGRAMS.items():
+            families[f"histogram_{key}"] = HistogramMetricFamily(f"{ns}_{name}", text)
         return families
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def register(
