@@ -26,6 +26,10 @@ What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
   carries them; they are removed after the task, so nothing reaches the next
   task on the same thread (the events join the worker's log at its
   ``--loglevel``, once each: see :func:`broker.log.configure`);
+- with ``ready_check=True``, once the worker is ready (``worker_ready``) a
+  thread checks that the database answers (:func:`broker.wait` in a loop of
+  its own, closed afterwards) and logs ``celery.ready`` or, with the error,
+  ``celery.not_ready``; the worker runs either way;
 - at shutdown (``worker_shutdown`` in the worker process,
   ``worker_process_shutdown`` in each prefork child) every loop made by
   :func:`broker.run` is closed after its pools closed their drivers, then
@@ -40,10 +44,12 @@ default broker of its own.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -58,8 +64,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from broker import default, log, runner
 from broker.config import Neo4jConnectionConfig
+from broker.pool import describe
 
-__all__ = ["TASK_CONTEXT_KEYS", "close_pools", "disconnect", "setup", "task"]
+__all__ = ["TASK_CONTEXT_KEYS", "check_ready", "close_pools", "disconnect", "setup", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,9 +77,12 @@ TASK_CONTEXT_KEYS = ("task_id", "task_name")
 _lock = threading.Lock()
 _config: Neo4jConnectionConfig | None = None
 _configured_pid: int | None = None  # the process whose default broker we configured
+_ready_check = False
 
 
-def setup(app: Any, config: Neo4jConnectionConfig | None = None) -> None:
+def setup(
+    app: Any, config: Neo4jConnectionConfig | None = None, *, ready_check: bool = False
+) -> None:
     """Wire ``app``'s worker lifecycle to the default broker.
 
     ``config`` configures the default broker when the worker starts. With
@@ -82,25 +92,31 @@ def setup(app: Any, config: Neo4jConnectionConfig | None = None) -> None:
     Call it in the app's module, before the worker starts. Calling it again
     replaces the configuration; the signal handlers are connected once per
     process.
+
+    With ``ready_check``, the worker checks at ``worker_ready`` that the
+    database can be reached with this configuration and logs the result
+    (see :func:`check_ready`).
     """
-    global _config, _configured_pid
+    global _config, _configured_pid, _ready_check
     if not hasattr(app, "task"):
         raise TypeError(f"expected a Celery app, got {type(app).__name__}")
     with _lock:
         _config = config
         _configured_pid = None  # the next worker start (or task) configures again
+        _ready_check = ready_check
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=_uid(handler))
 
 
 def disconnect() -> None:
     """Undo :func:`setup`'s signal wiring (for tests that start workers in-process)."""
-    global _config, _configured_pid
+    global _config, _configured_pid, _ready_check
     for signal, handler in _HANDLERS:
         signal.disconnect(handler, dispatch_uid=_uid(handler))
     with _lock:
         _config = None
         _configured_pid = None
+        _ready_check = False
 
 
 def task(app: Any, **options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Any]:
@@ -156,6 +172,26 @@ def close_pools(timeout: float | None = None, *, reason: str = "shutdown") -> di
     return totals
 
 
+def check_ready(timeout: float | None = None) -> bool:
+    """Check that the default broker reaches the database; log and return the result.
+
+    Runs :func:`broker.wait` in a loop of its own (its pool is closed when
+    it returns), so it may be called from any thread without a running
+    loop. Logs ``celery.ready`` (with the seconds it took) or
+    ``celery.not_ready`` (with the error).
+    """
+    _configure_once()
+    started = time.monotonic()
+    try:
+        asyncio.run(default.wait(timeout))
+    except Exception as exc:
+        seconds = round(time.monotonic() - started, 3)
+        log.emit(log.ERROR, "celery.not_ready", error=describe(exc), seconds=seconds)
+        return False
+    log.emit(log.INFO, "celery.ready", seconds=round(time.monotonic() - started, 3))
+    return True
+
+
 # -- signal handlers -----------------------------------------------------------
 
 
@@ -196,6 +232,12 @@ def _on_task_postrun(**_: Any) -> None:
     structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
 
 
+def _on_worker_ready(**_: Any) -> None:
+    if _ready_check:
+        # Off the consumer's thread: the worker takes tasks while it runs.
+        threading.Thread(target=check_ready, name="broker-ready-check", daemon=True).start()
+
+
 def _on_worker_shutdown(**_: Any) -> None:
     close_pools(reason="worker_shutdown")
 
@@ -209,6 +251,7 @@ _HANDLERS: tuple[tuple[Any, Callable[..., None]], ...] = (
     (signals.worker_process_init, _on_worker_process_init),
     (signals.task_prerun, _on_task_prerun),
     (signals.task_postrun, _on_task_postrun),
+    (signals.worker_ready, _on_worker_ready),
     (signals.worker_shutdown, _on_worker_shutdown),
     (signals.worker_process_shutdown, _on_worker_process_shutdown),
 )
