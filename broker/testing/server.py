@@ -359,8 +359,31 @@ class EmbeddedServer:
         self._http_command(f"create database {name}")
         return name
 
-    def _http_command(self, command: str | None) -> None:
-        """Run a server command; with None, only check that the password is accepted."""
+    def create_user(self, name: str, password: str) -> None:
+        """Add a server user with ``password`` and admin rights on every database."""
+        if not re.match(r"^[A-Za-z][A-Za-z0-9_-]{3,62}$", name):
+            raise ValueError(
+                f"user name {name!r} must start with a letter and hold 4 to 63 letters, "
+                "digits, '_' or '-'"
+            )
+        spec = {"name": name, "password": password, "databases": {"*": "admin"}}
+        self._http_command(f"create user {json.dumps(spec)}", shown=f"create user {name}")
+
+    def drop_user(self, name: str) -> None:
+        """Remove a server user added with :meth:`create_user`."""
+        self._http_command(f"drop user {name}")
+
+    def set_user_password(self, name: str, password: str) -> None:
+        """Change a user's password: connections made from now on need the new one."""
+        self.drop_user(name)
+        self.create_user(name, password)
+
+    def _http_command(self, command: str | None, shown: str | None = None) -> None:
+        """Run a server command; with None, only check that the password is accepted.
+
+        ``shown`` replaces the command in errors (it may hold a secret).
+        """
+        shown = command if shown is None else shown
         token = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/api/v1/"
@@ -374,9 +397,9 @@ class EmbeddedServer:
                 response.read()
         except urllib.error.HTTPError as exc:
             body = exc.read().decode(errors="replace")[:500]
-            raise ServerError(f"server refused {command!r}: HTTP {exc.code} {body}") from None
+            raise ServerError(f"server refused {shown!r}: HTTP {exc.code} {body}") from None
         except OSError as exc:
-            raise ServerError(f"server did not answer {command!r}: {exc}") from None
+            raise ServerError(f"server did not answer {shown!r}: {exc}") from None
 
     # -- internals ------------------------------------------------------
 
