@@ -539,3 +539,43 @@ def test_in_process_threads_worker(wired_app: Celery) -> None:
     totals = broker.celery.close_pools(timeout=10)
     assert totals["closed"] == totals["created"] >= 1
     assert threading.current_thread().name == "MainThread"
+
+
+def ready_events() -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+
+    def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"].startswith("celery."):
+            events.append(dict(event))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[keep], cache_logger_on_first_use=False)
+    return events
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_ready_check_at_worker_ready_logs_the_result(
+    bolt_config: broker.Neo4jConnectionConfig, good: bool
+) -> None:
+    app = Celery("wiring-ready", set_as_current=False)
+    config = bolt_config.replace(pool_min_size=1)
+    if not good:
+        config = config.replace(password="not-the-password")
+    broker.celery.setup(app, config, ready_check=True)
+    events = ready_events()
+    try:
+        signals.worker_init.send(sender=None)
+        signals.worker_ready.send(sender=None)
+        deadline = time.monotonic() + 30
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        broker.celery.disconnect()
+    [event] = events
+    if good:
+        assert event["event"] == "celery.ready" and event["seconds"] >= 0
+    else:
+        assert event["event"] == "celery.not_ready"
+        assert event["error"].startswith("AuthError")
+    totals = broker.totals()
+    assert totals["created"] == totals["closed"], "the check's own loop closed its pool"

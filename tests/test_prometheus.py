@@ -121,3 +121,56 @@ def test_default_broker_is_followed(
     broker.run(query(broker.get_broker()))
     assert registry.get_sample_value("app_borrows_total") == 1
     assert registry.get_sample_value("app_loops") == 1
+
+
+async def test_histograms_and_new_counters_never_go_back(
+    bolt_config: broker.Neo4jConnectionConfig, registry: CollectorRegistry
+) -> None:
+    b = broker.Broker(bolt_config.replace(pool_min_size=0, pool_max_size=1))
+    broker.prometheus.register(registry, b)
+
+    async def hold(seconds: float) -> None:
+        async with b.borrow() as conn:
+            await conn.driver.execute_query("RETURN 1")
+            await asyncio.sleep(seconds)
+
+    # Two at once on one driver: the second waits for the first (0.3 s hold).
+    await asyncio.gather(hold(0.3), hold(0.3))
+    await hold(0.0)
+    samples = await asyncio.to_thread(lambda: generate_latest(registry).decode())
+    families = {f.name: f for f in text_string_to_metric_families(samples)}
+    assert families["broker_borrow_wait_seconds"].type == "histogram"
+    assert families["broker_hold_seconds"].type == "histogram"
+
+    def value(name: str, **labels: str) -> float:
+        found = registry.get_sample_value(name, labels)
+        assert found is not None, (name, labels)
+        return found
+
+    assert value("broker_borrow_wait_seconds_count") == 3
+    assert value("broker_borrow_wait_seconds_bucket", le="0.1") <= 2, "one waited 0.3 s"
+    assert value("broker_borrow_wait_seconds_bucket", le="+Inf") == 3
+    assert value("broker_borrow_wait_seconds_sum") >= 0.3
+    assert value("broker_hold_seconds_count") == 3
+    assert value("broker_hold_seconds_bucket", le="0.25") == 1, "one held ~0 s, two 0.3 s"
+    assert value("broker_hold_seconds_bucket", le="+Inf") == 3
+    assert value("broker_hold_seconds_sum") >= 0.6
+    loop = {"loop": here_key(b), "thread": threading.current_thread().name}
+    assert value("broker_pool_requests_queued_total", **loop) == 2
+    assert value("broker_pool_usage_seconds_total", **loop) >= 0.6
+    assert value("broker_requests_queued_total") == 2
+
+    # pop_stats() resets its own view, never what Prometheus reads.
+    (popped,) = b.pop_stats().values()
+    assert popped["borrows"] == 3
+    assert value("broker_pool_borrows_total", **loop) == 3
+    assert value("broker_borrow_wait_seconds_count") == 3
+    assert value("broker_requests_queued_total") == 2
+    await b.aclose()
+    # The loop's pool has ended: its series go, the totals and histograms stay.
+    assert value("broker_hold_seconds_count") == 3 and value("broker_borrows_total") == 3
+
+
+def here_key(b: broker.Broker) -> str:
+    (actor,) = b._registry.actors()
+    return actor.key
