@@ -296,6 +296,8 @@ class Pool:
             return  # an older resize that arrived late
         self.sizes_version = version
         self.min_size, self.max_size = min_size, max_size
+        if self.stopping is not None:
+            return  # nothing grows in a closing pool
         self._effects.emit(log.INFO, "pool.resized", min_size=min_size, max_size=max_size)
         while self.idle and self.total() > max_size:
             self._close(self.idle.popleft(), "resized")
@@ -309,6 +311,8 @@ class Pool:
         if generation <= self.generation:
             return
         self.generation = generation
+        if self.stopping is not None:
+            return  # its drivers are closing anyway
         replaced = len(self.idle)
         self._effects.emit(log.INFO, "pool.drained", generation=generation, idle=replaced)
         while self.idle:

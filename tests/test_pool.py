@@ -466,3 +466,14 @@ def test_stop_refuses_every_caller() -> None:
     assert isinstance(failed(waiting), BrokerClosed)
     late = borrow(pool, 0.2)
     assert isinstance(failed(late), BrokerClosed)
+
+
+def test_a_closing_pool_neither_grows_nor_replaces() -> None:
+    pool, jobs = make_pool(pool_max_size=2)
+    holder = borrow(pool, 0.0)
+    finish_creations(pool, jobs, 0.0)
+    held(holder)
+    pool.stop("test", 10.0)
+    pool.resize(2, 3, version=1, now=0.1)
+    pool.drain(1, now=0.1)
+    assert jobs.creations == [] and pool.max_size == 3 and pool.generation == 1
