@@ -55,8 +55,10 @@ def bolt_port():
 
 
 def report(event, **fields):
+    # One write per line: the children share the output file, and print()
+    # writes the text and its newline separately, so lines could interleave.
     line = json.dumps({"event": event, "pid": os.getpid(), **fields})
-    print("SEED " + line, file=sys.stderr, flush=True)
+    os.write(sys.stderr.fileno(), f"SEED {line}\\n".encode())
 
 
 @signals.worker_process_init.connect(weak=False)
