@@ -153,11 +153,7 @@ def close_pools(timeout: float | None = None, *, reason: str = "shutdown") -> di
     :func:`setup` call it at worker shutdown.
     """
     global _configured_pid
-    current = default._default
-    if timeout is None:
-        timeout = current.config.close_timeout if current is not None else 10.0
-    runner.shutdown(timeout)
-    default.close(timeout)
+    current = default.close_process_pools(timeout)
     totals = current.totals() if current is not None else {}
     with _lock:
         _configured_pid = None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from neo4j import AsyncDriver
 
-from broker import default, log, runner
+from broker import default, log
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.errors import BrokerError
@@ -420,10 +420,7 @@ def cleanup_worker_neo4j_config(**kwargs: Any) -> None:
         _cleanups.add(task)
         task.add_done_callback(_cleanups.discard)
         return
-    current = default._default
-    timeout = current.config.close_timeout if current is not None else 10.0
-    runner.shutdown(timeout)
-    default.close(timeout)
+    current = default.close_process_pools()
     totals = current.totals() if current is not None else {}
     if current is not None:
         _reopen(current)

@@ -11,6 +11,7 @@ import asyncio
 import threading
 from typing import Any
 
+from broker import runner
 from broker.actor import DriverFactory
 from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
@@ -21,6 +22,7 @@ __all__ = [
     "borrow",
     "check",
     "close",
+    "close_process_pools",
     "configure",
     "drain",
     "get_broker",
@@ -139,3 +141,19 @@ def close(timeout: float | None = None) -> None:
     current = _default
     if current is not None:
         current.close(timeout)
+
+
+def close_process_pools(timeout: float | None = None) -> Broker | None:
+    """Close every pool of this process, each in its own loop; return the default broker.
+
+    The loops made by :func:`broker.run` end first, after their pools closed
+    their drivers; then the default broker's other pools are closed, and
+    those of running loops waited for. Call it from a thread without a
+    running loop (a worker's shutdown hook).
+    """
+    current = _default
+    if timeout is None:
+        timeout = current.config.close_timeout if current is not None else 10.0
+    runner.shutdown(timeout)
+    close(timeout)
+    return current
