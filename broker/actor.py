@@ -92,6 +92,8 @@ class Actor:
         self._mailbox: janus.Queue[Message] = janus.Queue()
         self._inbox = self._mailbox.async_q
         self._outside_inbox = self._mailbox.sync_q
+        # janus guards both sides with this one lock (see _mailbox_busy).
+        self._mailbox_lock = self._mailbox._sync_mutex
         self._bell: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -390,8 +392,16 @@ class Actor:
 
     # -- mailbox -------------------------------------------------------------
 
+    def send(self, message: Message) -> bool:
+        """Deliver a message from any thread, by the right side of the mailbox."""
+        if asyncio._get_running_loop() is self.loop:
+            return self.post(message)
+        return self.post_threadsafe(message)
+
     def post(self, message: Message) -> bool:
         """Deliver a message from this loop's own thread. False once the actor has stopped."""
+        if self._mailbox_busy():
+            return self.post_soon(message)
         try:
             self._inbox.put_nowait(message)
         except janus.AsyncQueueShutDown:
@@ -403,6 +413,8 @@ class Actor:
 
     def post_threadsafe(self, message: Message) -> bool:
         """Deliver a message from any thread. False if it can never be read."""
+        if self._mailbox_busy():
+            return self.post_soon(message)
         try:
             self._outside_inbox.put(message)
         except janus.SyncQueueShutDown:
@@ -414,16 +426,30 @@ class Actor:
         return True
 
     def post_soon(self, message: Message) -> bool:
-        """Deliver a message from a finalizer, in any thread. False if the loop is closed.
+        """Deliver a message from anywhere, a finalizer included. False if the loop is closed.
 
-        It takes no lock and never blocks: the collector may run a finalizer
-        inside the mailbox's own critical section, on the loop's thread. The
-        loop posts the message on its next iteration. ``call_soon_threadsafe``
-        only appends to a deque and writes a byte to the loop's wake-up socket.
+        It takes no lock and never blocks: ``call_soon_threadsafe`` only
+        appends to a deque and writes a byte to the loop's wake-up socket. The
+        loop posts the message on its next iteration.
         """
         try:
             self.loop.call_soon_threadsafe(self.post, message)
         except RuntimeError:  # the loop is closed: nobody will read it
+            return False
+        return True
+
+    def _mailbox_busy(self) -> bool:
+        """Whether the mailbox's lock is taken at this moment.
+
+        The collector runs finalizers wherever an allocation triggers it, even
+        inside the mailbox's own critical section; a finalizer that gives a
+        driver back would then wait for a lock its own thread holds, for ever.
+        So a sender that finds the lock taken (by this thread or, briefly, by
+        another) goes the lock-free way of :meth:`post_soon` instead of waiting.
+        """
+        lock = self._mailbox_lock
+        if lock.acquire(blocking=False):
+            lock.release()
             return False
         return True
 

@@ -214,12 +214,8 @@ class Broker:
         self._post_all(Drain(generation))
 
     def _post_all(self, message: Message) -> None:
-        here = asyncio._get_running_loop()
         for actor in self._registry.actors():
-            if actor.loop is here:
-                actor.post(message)
-            else:
-                actor.post_threadsafe(message)
+            actor.send(message)
 
     # -- workspaces ------------------------------------------------------------
 
@@ -437,8 +433,7 @@ class Broker:
                 here.create_future() if here is not None and mine else concurrent.futures.Future()
             )
             message = Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
-            delivered = actor.post(message) if mine else actor.post_threadsafe(message)
-            if delivered:
+            if actor.send(message):
                 posted.append((actor, done))
         return posted
 

@@ -187,15 +187,14 @@ class Connection:
             raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
         try:
             pooled = await waiter
-        except BaseException as exc:
-            # GeneratorExit: the collector is finalizing this coroutine, maybe
-            # inside the mailbox's lock; only the lock-free path is safe there.
-            post = actor.post_soon if isinstance(exc, GeneratorExit) else actor.post
+        except BaseException:
+            # Also a GeneratorExit from the collector closing this coroutine:
+            # posting never waits on a lock (Actor.post).
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed to us just as we were cancelled: give it straight back.
-                post(Return(waiter.result()))
+                actor.post(Return(waiter.result()))
             elif waiter.cancelled():
-                post(Withdraw(request))
+                actor.post(Withdraw(request))
             raise
         now = time.monotonic()
         self._actor = actor
@@ -270,11 +269,7 @@ class Connection:
         pooled, actor = self._pooled, self._actor
         assert pooled is not None and actor is not None
         self._pooled = None
-        message = Return(pooled, self._broken)
-        if asyncio._get_running_loop() is actor.loop:
-            delivered = actor.post(message)
-        else:
-            delivered = actor.post_threadsafe(message)
+        delivered = actor.send(Return(pooled, self._broken))
         if log.debug_enabled():
             log.emit(
                 log.DEBUG,

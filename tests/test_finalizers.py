@@ -127,3 +127,66 @@ def test_a_handle_dropped_after_its_loop_closed_does_nothing(bolt_config: Any) -
     del holder
     gc.collect()  # an unraisable error here fails the test (pytest's filterwarnings)
     assert actor.finished and actor._mailbox.sync_q.qsize() == 0
+
+
+async def _held_in_a_with_block(b: Broker) -> None:
+    async with b.borrow():
+        await asyncio.get_running_loop().create_future()  # parked for good
+
+
+async def _released_in_finally(b: Broker) -> None:
+    conn = await b.borrow()
+    try:
+        await asyncio.get_running_loop().create_future()  # parked for good
+    finally:
+        await conn.release()
+
+
+def _on_another_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` on a thread of its own; its failure is the test's failure."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+@pytest.mark.parametrize("thread", ["loop thread", "other thread"])
+@pytest.mark.parametrize("holder", [_held_in_a_with_block, _released_in_finally])
+async def test_a_holding_coroutine_finalized_inside_the_mailbox_lock(
+    make_broker: MakeBroker,
+    holder: Callable[[Broker], Any],
+    thread: str,
+) -> None:
+    """A task dropped while it holds a driver: the collector closes its coroutine,
+    whose ``__aexit__`` or ``finally`` gives the driver back from inside the
+    collector, on whichever thread it runs, maybe inside the mailbox's lock."""
+    b = make_broker(pool_min_size=0, pool_max_size=1)
+    coro = holder(b)
+    waiter = coro.send(None)  # runs up to its wait for the actor's answer
+    await eventually(waiter.done, what="the actor handed over a driver")
+    coro.send(None)  # takes the driver and parks in the body
+    actor = b._registry.get(asyncio.get_running_loop())
+    assert actor is not None and actor.snapshot()["in_use"] == 1
+    holders = [coro]
+    del coro, waiter
+
+    def drop() -> None:
+        with mailbox_lock_held(actor):
+            holders.clear()  # the coroutine's finalizer closes it here
+
+    if thread == "loop thread":
+        drop()
+    else:
+        _on_another_thread(drop)
+    await eventually(lambda: actor.snapshot()["in_use"] == 0, what="the driver came back")
+    async with b.borrow(timeout=5) as again:
+        await again.driver.execute_query("RETURN 1")
