@@ -102,6 +102,8 @@ class Actor:
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._finished = False
+        #: Set by the broker once this pool's counters are part of its totals.
+        self.folded = False
         #: Workspace preparations running in this loop (shared by concurrent callers).
         self.preparing: dict[str, asyncio.Future[str]] = {}
 

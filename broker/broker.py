@@ -36,7 +36,7 @@ from broker.messages import (
     WaitReady,
     Withdraw,
 )
-from broker.pool import COUNTERS
+from broker.pool import COUNTERS, Pool
 from broker.registry import LoopRegistry, loop_key
 from broker.workspace import check_workspace, prepare_workspace
 
@@ -133,13 +133,17 @@ class Broker:
         )
 
     def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
-        self._registry.retire(actor, loop_ended)
+        # The counters move into the totals in one step, seen by totals() and
+        # histograms() either before or after it, never half done: what they
+        # report never goes back.
         pool = actor.pool
         with self._retired_lock:
             for name in COUNTERS:
                 self._retired[name] += getattr(pool, name)
             self._retired_histograms["borrow_wait"].add(pool.wait_histogram)
             self._retired_histograms["hold"].add(pool.hold_histogram)
+            actor.folded = True
+        self._registry.retire(actor, loop_ended)
 
     # -- the pool of the calling loop ------------------------------------------
 
@@ -362,19 +366,23 @@ class Broker:
         """Counters summed over every loop this broker ever served (they never go back)."""
         with self._retired_lock:
             sums = dict(self._retired)
-        for actor in self._registry.actors():
-            for name in COUNTERS:
-                sums[name] += getattr(actor.pool, name)
+            for pool in self._unfolded_pools():
+                for name in COUNTERS:
+                    sums[name] += getattr(pool, name)
         return {name: round(value) for name, value in sums.items()}
 
     def histograms(self) -> dict[str, Histogram]:
         """Borrow waits (``borrow_wait``) and hold times (``hold``), over every loop ever."""
         with self._retired_lock:
             sums = {name: h.copy() for name, h in self._retired_histograms.items()}
-        for actor in self._registry.actors():
-            sums["borrow_wait"].add(actor.pool.wait_histogram)
-            sums["hold"].add(actor.pool.hold_histogram)
+            for pool in self._unfolded_pools():
+                sums["borrow_wait"].add(pool.wait_histogram)
+                sums["hold"].add(pool.hold_histogram)
         return sums
+
+    def _unfolded_pools(self) -> list[Pool]:
+        """Pools whose counters are not in the retired sums yet (hold ``_retired_lock``)."""
+        return [actor.pool for actor in self._registry.entries() if not actor.folded]
 
     # -- closing ---------------------------------------------------------------
 

@@ -83,6 +83,11 @@ class LoopRegistry:
         with self._lock:
             return [a for a in self._actors.values() if not a.finished]
 
+    def entries(self) -> list[Actor]:
+        """Every actor still registered, stopping ones included."""
+        with self._lock:
+            return list(self._actors.values())
+
     def close(self) -> list[Actor]:
         """Refuse new actors from now on; return the live ones to shut down."""
         with self._lock:

@@ -587,3 +587,46 @@ async def test_timeout_zero_serves_an_idle_driver_or_fails_at_once(
     await held.release()
     async with b.borrow(timeout=0) as conn:
         assert await query(conn) == 1
+
+
+def test_totals_never_go_back_while_loops_end(bolt_config: Any) -> None:
+    """Counters summed over every loop, read while loops end: each reading is
+    at least the one before it (Prometheus reads a dip as a counter reset)."""
+    b = Broker(bolt_config.replace(pool_min_size=0))
+    loops = 100
+    stop = threading.Event()
+    dips: list[tuple[str, float, float]] = []
+    readings = 0
+
+    def watch() -> None:
+        nonlocal readings
+        last = {"borrows": 0.0, "created": 0.0, "waits": 0.0}
+        while not stop.is_set():
+            totals = b.totals()
+            now = {
+                "borrows": float(totals["borrows"]),
+                "created": float(totals["created"]),
+                "waits": float(b.histograms()["borrow_wait"].count),
+            }
+            for name, value in now.items():
+                if value < last[name]:
+                    dips.append((name, last[name], value))
+            last = now
+            readings += 1
+
+    async def one_borrow() -> None:
+        async with b.borrow() as conn:
+            await conn.driver.execute_query("RETURN 1")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(loops):
+            asyncio.run(one_borrow())
+    finally:
+        stop.set()
+        watcher.join()
+        b.close()
+    assert b.totals()["borrows"] == loops
+    assert readings > loops, "the watcher kept up with the loops"
+    assert dips == [], f"{len(dips)} readings went back, first {dips[:3]}"
