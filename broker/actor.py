@@ -235,7 +235,9 @@ class Actor:
         asker = message.pop_for
         if asker is None:
             message.reply(self.snapshot())
-        elif not asker.done():  # a pop whose asker gave up must not reset anything
+        elif asker.set_running_or_notify_cancel():
+            # From here the asker can no longer give up: the reset and the
+            # answer that carries it both happen, or (cancelled) neither does.
             message.reply(self.pool.pop_stats(time.monotonic()))
 
     def _on_closed(self, message: Closed) -> None:

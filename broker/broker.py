@@ -331,11 +331,12 @@ class Broker:
                 # running: nothing else touches its pool now.
                 entry = actor.pool.pop_stats(now)
                 entry["responsive"] = True
-            elif answer.cancel() or not answer.done():
-                entry = actor.pool.peek_stats(now)  # it gave no answer: nothing reset
+            elif answer.cancel():
+                entry = actor.pool.peek_stats(now)  # it never started: nothing was reset
                 entry["responsive"] = False
             else:
-                entry = dict(answer.result())
+                # Answered, or the actor is resetting now: its answer is on the way.
+                entry = dict(answer.result(timeout=max(timeout, 1.0)))
                 entry["responsive"] = True
             entry["loop_running"] = actor.loop.is_running()
             entry["loop_id"] = str(id(actor.loop))

@@ -149,7 +149,7 @@ class StatsRequest:
     """Someone wants the pool's counters; ``reply`` may be called from any thread.
 
     With ``pop_for``, the counters are also reset (``broker.pop_stats()``),
-    unless that future is already done: its asker has given up.
+    unless that future was cancelled: its asker has given up.
     """
 
     reply: Callable[[dict[str, Any]], None]

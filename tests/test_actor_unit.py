@@ -6,6 +6,8 @@ Each behaviour here also has a real-server test (test_broker, test_faults).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import threading
 from typing import Any
 
@@ -13,6 +15,8 @@ import neo4j.exceptions
 import pytest
 
 from broker import BorrowTimeout, Broker, BrokerClosed
+from broker.broker import _set_once
+from broker.messages import StatsRequest
 from tests.fakes import DriverPlan, fake_config
 from tests.helpers import eventually
 
@@ -183,3 +187,42 @@ def test_loop_ending_while_jobs_are_queued_does_not_hang(yields: int) -> None:
     assert finished.is_set(), "asyncio.run() hung at loop end"
     assert plan.open_drivers == 0
     assert b.totals()["created"] == b.totals()["closed"] == 2
+
+
+async def test_a_pop_is_reset_and_answered_together_or_not_at_all() -> None:
+    """pop_stats() gives up on a loop that is slow to answer. If it gives up
+    while that loop's actor is resetting the counters, the reset must still
+    reach it; if it gave up before, nothing may be reset."""
+    b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
+    async with b.borrow():
+        pass
+    (actor,) = b._registry.actors()
+    pool = actor.pool
+    popping = pool.pop_stats
+
+    # 1. The asker gives up while the actor resets: too late to give up.
+    def pop_while_the_asker_gives_up(now: float) -> dict[str, Any]:
+        gave_up.append(asked.cancel())
+        return popping(now)
+
+    gave_up: list[bool] = []
+    asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+    pool.pop_stats = pop_while_the_asker_gives_up  # type: ignore[method-assign]
+    try:
+        actor.post(StatsRequest(functools.partial(_set_once, asked), pop_for=asked))
+        await eventually(asked.done)
+    finally:
+        del pool.pop_stats
+    assert gave_up == [False], "the asker could give up after the counters were reset"
+    assert asked.result()["borrows"] == 1, "the reset's counters reached the asker"
+
+    # 2. The asker gave up before the actor read the request: nothing is reset.
+    async with b.borrow():
+        pass
+    late: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+    assert late.cancel()
+    actor.post(StatsRequest(functools.partial(_set_once, late), pop_for=late))
+    (entry,) = (await b.stats()).values()  # handled after the pop request
+    assert entry["borrows"] == 2
+    assert pool.pop_stats(0.0)["borrows"] == 1, "only the borrow since the first pop"
+    await b.aclose()
