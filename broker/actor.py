@@ -97,6 +97,8 @@ class Actor:
         self._bell: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Tasks that report to nobody (see _detach).
+        self._detached: set[asyncio.Task[None]] = set()
         # Each job task with the report to send if it is cancelled before reporting.
         self._jobs: dict[asyncio.Task[Message], Message] = {}
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
@@ -299,7 +301,7 @@ class Actor:
         try:
             outcome = callback(stats)
             if inspect.isawaitable(outcome):
-                self.loop.create_task(self._await_callback(outcome))
+                self._detach(self._await_callback(outcome))
         except Exception as exc:
             self.emit(log.ERROR, "actor.error", error=repr(exc), callback="reconnect_failed")
 
@@ -333,7 +335,17 @@ class Actor:
             else:
                 self.emit(log.ERROR, "actor.error", error=repr(error), job=task.get_name())
         if not self.post(report) and isinstance(report, Created) and report.driver is not None:
-            self.loop.create_task(_close_quietly(report.driver.driver))
+            self._detach(_close_quietly(report.driver.driver))
+
+    def _detach(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that reports to nobody, held until it ends.
+
+        The loop keeps only weak references to tasks: an unheld one could be
+        collected before it finishes.
+        """
+        task = self.loop.create_task(work)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
 
     async def _create(self, generation: int, started: float) -> Created:
         driver: AsyncDriver | None = None

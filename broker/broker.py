@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import math
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ import neo4j
 
 from broker import inherited, log
 from broker.actor import Actor, DriverFactory
-from broker.config import Neo4jConnectionConfig, check_sizes
+from broker.config import Neo4jConnectionConfig, check_sizes, check_timeout
 from broker.connection import Connection
 from broker.errors import BrokerClosed, BrokerError
 from broker.histogram import HOLD_BUCKETS, WAIT_BUCKETS, Histogram
@@ -156,7 +155,7 @@ class Broker:
         seconds (default ``borrow_timeout``) saying what the pool was doing.
         A service can so fail fast at start.
         """
-        timeout = self.config.borrow_timeout if timeout is None else _check_timeout(timeout)
+        timeout = self.config.borrow_timeout if timeout is None else check_timeout(timeout)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         await self._ask(loop, WaitReady(waiter, timeout))
@@ -460,17 +459,6 @@ class Broker:
 
 def _new_histograms() -> dict[str, Histogram]:
     return {"borrow_wait": Histogram(WAIT_BUCKETS), "hold": Histogram(HOLD_BUCKETS)}
-
-
-def _check_timeout(timeout: Any) -> float:
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or math.isnan(timeout)
-        or timeout < 0
-    ):
-        raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
-    return float(timeout)
 
 
 def _set_once(

@@ -34,6 +34,7 @@ __all__ = [
     "Neo4jConnectionConfig",
     "ReconnectFailed",
     "check_sizes",
+    "check_timeout",
     "redact_uri",
 ]
 
@@ -444,6 +445,18 @@ def check_sizes(
         raise ValueError(f"{min_name} must not be negative, got {min_size}")
     if min_size > max_size:
         raise ValueError(f"{min_name} ({min_size}) must not exceed {max_name} ({max_size})")
+
+
+def check_timeout(timeout: Any) -> float:
+    """A wait in seconds given to a call (``borrow(timeout=...)``): zero or more, or ValueError."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or math.isnan(timeout)
+        or timeout < 0
+    ):
+        raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def _check_duration(name: str, value: Any, allow_none: bool, allow_zero: bool) -> None:

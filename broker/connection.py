@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-import math
 import threading
 import time
 from collections.abc import Generator
@@ -21,6 +20,7 @@ import neo4j.exceptions
 from neo4j import AsyncDriver
 
 from broker import log
+from broker.config import check_timeout
 from broker.errors import BrokerClosed, BrokerError
 from broker.messages import Borrow, Return, Withdraw
 
@@ -116,15 +116,8 @@ class Connection:
 
     def __init__(self, broker: Broker, timeout: float | None = None) -> None:
         self._state = _NEW
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or math.isnan(timeout)
-            or timeout < 0
-        ):
-            raise ValueError(f"timeout must be zero or more seconds, got {timeout!r}")
         self._broker = broker
-        self._timeout = timeout
+        self._timeout = None if timeout is None else check_timeout(timeout)
         self._borrow_claim = threading.Lock()
         self._release_claim = threading.Lock()
         self._actor: Actor | None = None

@@ -204,7 +204,9 @@ class Pool:
             return
         waiters = self.waiters
         limit = self.config.max_waiting
-        if limit and len(waiters) >= limit and len(self.idle) <= len(waiters):
+        # Waiters and idle drivers never coexist (dispatch pairs them off), so
+        # a full queue means nothing could serve this borrower now either.
+        if limit and len(waiters) >= limit:
             self.rejected += 1
             self._effects.refuse(
                 borrow,
