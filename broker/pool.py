@@ -649,14 +649,19 @@ class Pool:
         return self.total() == 0 and not self.closing
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        """The pool's state, and its counters since it started."""
+        """The pool's state, and its counters since it started.
+
+        Other threads read it too (stats of a parked or busy loop): each
+        figure is read once and the read never fails, though figures read
+        that way may come from slightly different moments.
+        """
         if self.stopped:
             state = "stopped"
         elif self.stopping is not None:
             state = "closing"
         else:
             state = "open"
-        connecting = self.connecting
+        oldest = min(self.connecting, default=None)
         waiting = len(self.waiters)
         stats: dict[str, Any] = {
             "loop": self.key,
@@ -664,7 +669,7 @@ class Pool:
             "state": state,
             "available": len(self.idle),
             "in_use": len(self.in_use),
-            "creating": len(connecting),
+            "creating": len(self.connecting),
             "checking": len(self.checking),
             "closing": len(self.closing),
             "total": self.total(),
@@ -676,7 +681,7 @@ class Pool:
             "max_waiting": self.config.max_waiting,
             "generation": self.generation,
             "target": self.target,
-            "connecting_ms": round((now - min(connecting)) * 1000) if connecting else 0,
+            "connecting_ms": 0 if oldest is None else round((now - oldest) * 1000),
             "last_error": describe(self.last_error) if self.last_error is not None else None,
         }
         for name in COUNTERS:
