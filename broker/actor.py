@@ -418,6 +418,9 @@ class Actor:
         """Deliver a message from this loop's own thread. False once the actor has stopped."""
         if self._mailbox_busy():
             return self.post_soon(message)
+        return self._put(message)
+
+    def _put(self, message: Message) -> bool:
         try:
             self._inbox.put_nowait(message)
         except janus.AsyncQueueShutDown:
@@ -449,10 +452,28 @@ class Actor:
         loop posts the message on its next iteration.
         """
         try:
-            self.loop.call_soon_threadsafe(self.post, message)
+            self.loop.call_soon_threadsafe(self._post_later, message)
         except RuntimeError:  # the loop is closed: nobody will read it
             return False
         return True
+
+    def _post_later(self, message: Message) -> None:
+        if not self.post(message):  # the actor stopped meanwhile
+            self._answer_unread(message, BrokerClosed(f"the pool of loop {self.key} has stopped"))
+
+    def _answer_unread(self, message: Message, closed: BrokerClosed) -> None:
+        """Answer mail the actor will never handle, so that no sender waits for ever."""
+        match message:
+            case StatsRequest():
+                self._on_stats(message)
+            case Shutdown(done=done) if done is not None:
+                done()
+            case Borrow() | WaitReady() | CheckNow():
+                _fail(message.waiter, closed)
+            case Created(driver=pooled) if pooled is not None:
+                self._detach(_close_quietly(pooled.driver))
+            case _:
+                pass  # returns and job reports of drivers already closed
 
     def _mailbox_busy(self) -> bool:
         """Whether the mailbox's lock is taken at this moment.
@@ -510,12 +531,10 @@ class Actor:
                 message = self._inbox.get_nowait()
             except (asyncio.QueueEmpty, janus.AsyncQueueShutDown):
                 break
-            if isinstance(message, StatsRequest):
-                self._on_stats(message)
-            elif isinstance(message, Shutdown) and message.done is not None:
-                self._stopped_callbacks.append(message.done)
-            elif isinstance(message, Borrow | WaitReady | CheckNow):
-                _fail(message.waiter, closed)
+            if isinstance(message, Shutdown) and message.done is not None:
+                self._stopped_callbacks.append(message.done)  # called once we have stopped
+            else:
+                self._answer_unread(message, closed)
         self.emit(log.INFO, "actor.stopped", created=self.pool.created, closed=self.pool.closed)
         self._on_stopped(self, loop_ending)
         for callback in self._stopped_callbacks:

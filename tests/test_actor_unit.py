@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import threading
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from broker import BorrowTimeout, Broker, BrokerClosed
 from broker.broker import _set_once
-from broker.messages import StatsRequest
+from broker.messages import Borrow, StatsRequest
 from tests.fakes import DriverPlan, fake_config
 from tests.helpers import eventually
 
@@ -226,3 +227,28 @@ async def test_a_pop_is_reset_and_answered_together_or_not_at_all() -> None:
     assert entry["borrows"] == 2
     assert pool.pop_stats(0.0)["borrows"] == 1, "only the borrow since the first pop"
     await b.aclose()
+
+
+@pytest.mark.parametrize("kind", ["borrow", "stats"])
+async def test_mail_deferred_past_the_actor_end_is_still_answered(kind: str) -> None:
+    """A sender that found the mailbox's lock taken hands its message to the
+    loop for later (Actor.post_soon); if the actor has stopped by then, the
+    sender still gets an answer instead of waiting for ever."""
+    b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
+    async with b.borrow():
+        pass
+    (actor,) = b._registry.actors()
+    await b.aclose()
+    assert actor.finished
+    loop = asyncio.get_running_loop()
+    if kind == "borrow":
+        waiter: asyncio.Future[Any] = loop.create_future()
+        borrow = Borrow(waiter, 30.0, asyncio.current_task(), contextvars.copy_context())
+        assert actor.post_soon(borrow)
+        with pytest.raises(BrokerClosed):
+            await asyncio.wait_for(waiter, 2)
+    else:
+        asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        assert actor.post_soon(StatsRequest(functools.partial(_set_once, asked)))
+        answer = await asyncio.wait_for(asyncio.wrap_future(asked), 2)
+        assert answer["state"] == "stopped"
