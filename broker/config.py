@@ -113,22 +113,18 @@ def _env_value(name: str, environ: Mapping[str, str]) -> Any:
 
 
 def redact_uri(uri: str) -> str:
-    """The URI without any user or password it may carry."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return "<unparsable URI>"
-    if parts.username is None and parts.password is None:
+    """The URI without any user or password it may carry.
+
+    Works on the text itself, not on a parse of it: a password holding an
+    unencoded ``/``, ``?`` or ``#`` cuts a parsed URI before its ``@``.
+    Everything between ``://`` (or the start) and the last ``@`` is hidden,
+    so a secret never shows, even if an ``@`` in a query hides more.
+    """
+    userinfo, at, rest = uri.rpartition("@")
+    if not at:
         return uri
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"***@{host}" + (f":{port}" if port is not None else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    start = userinfo.find("://")
+    return (userinfo[: start + 3] if start >= 0 else "") + "***@" + rest
 
 
 def _split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
@@ -274,19 +270,29 @@ class Neo4jConnectionConfig:
     def _check_uri(self) -> None:
         if not isinstance(self.uri, str) or not self.uri:
             raise ValueError("uri must be a non-empty string such as 'neo4j://host:7687'")
+        # Every message names the URI redacted, and reads nothing from the
+        # original but what the redacted form shows too.
+        shown = redact_uri(self.uri)
         try:
             parts = urllib.parse.urlsplit(self.uri)
+            shown_parts = urllib.parse.urlsplit(shown)
         except ValueError:
-            raise ValueError(f"uri {redact_uri(self.uri)!r} is not a valid URI") from None
-        _check_port(parts, self.uri)
-        scheme = parts.scheme.lower()
+            raise ValueError(f"uri {shown!r} is not a valid URI") from None
+        if "@" in self.uri and "@" not in parts.netloc:
+            raise ValueError(
+                f"uri {shown!r} has an '@' outside its host part: write credentials as "
+                "scheme://user:password@host:port with any '/', '?' or '#' in them "
+                "percent-encoded (%2F, %3F, %23), or pass username= and password= instead"
+            )
+        _check_port(shown_parts, shown)
+        scheme = shown_parts.scheme.lower()
         if scheme not in SUPPORTED_SCHEMES:
             raise ValueError(
-                f"unknown URI scheme {scheme!r} in {redact_uri(self.uri)!r}; "
+                f"unknown URI scheme {scheme!r} in {shown!r}; "
                 f"use one of {', '.join(sorted(SUPPORTED_SCHEMES))}"
             )
-        if not parts.hostname:
-            raise ValueError(f"uri {redact_uri(self.uri)!r} names no host")
+        if not shown_parts.hostname:
+            raise ValueError(f"uri {shown!r} names no host")
         bare, user, password = _split_userinfo(self.uri)
         if bare != self.uri:
             object.__setattr__(self, "uri", bare)
@@ -375,14 +381,18 @@ class Neo4jConnectionConfig:
         return cls(**values)
 
 
-def _check_port(parts: urllib.parse.SplitResult, uri: str) -> None:
-    """A port that is not a number from 1 to 65535 is named as such."""
+def _check_port(parts: urllib.parse.SplitResult, shown: str) -> None:
+    """A port that is not a number from 1 to 65535 is named as such.
+
+    ``parts`` and ``shown`` are of the redacted URI, so nothing from a
+    password can be taken for the port and echoed.
+    """
     hostport = parts.netloc.rpartition("@")[2]
     text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
     _, colon, port = text.rpartition(":")
     if not colon or not port:
         return
-    where = f"in uri {redact_uri(uri)!r}"
+    where = f"in uri {shown!r}"
     if not port.isascii() or not port.isdigit():
         raise ValueError(f"port {port!r} {where} is not a number")
     if not 1 <= int(port) <= 65535:

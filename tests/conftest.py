@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,11 @@ pytest_plugins = ["broker.testing.pytest_plugin"]
 #: Secrets some tests put in configs and URIs on purpose.
 PLANTED_SECRETS = ("pw-in-uri-7f3a9c", "planted-password-51c0de")
 
+#: A password holding every character that ends a part of a URI. A URI cut
+#: at one of them shows only a piece of it, so each piece is watched for too.
+HOSTILE_SECRET = "slashA-91e/hashB-27c#queryC-53d?atD-48f@colonE-66a:pctF-12b%pctG-80c"
+HOSTILE_PIECES = tuple(re.split(r"[/#?@:%]", HOSTILE_SECRET))
+
 
 class SecretWatch(logging.Handler):
     """Fails the session if any log line or failure report holds a secret."""
@@ -36,7 +42,7 @@ class SecretWatch(logging.Handler):
 
     @staticmethod
     def secrets() -> set[str]:
-        found = set(PLANTED_SECRETS)
+        found = {*PLANTED_SECRETS, HOSTILE_SECRET, *HOSTILE_PIECES}
         found.update(s.password for s in list(server_module._live))
         if os.environ.get("NEO4J_PASSWORD"):
             found.add(os.environ["NEO4J_PASSWORD"])

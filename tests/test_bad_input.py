@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from broker import Broker, BrokerClosed, BrokerError, Neo4jConnectionConfig
 from broker.testing import BoltServer, EmbeddedServer
 from broker.testing.faults import FaultProxy
 from broker.workspace import MAX_WORKSPACE_LENGTH, database_name, quote_identifier
-from tests.conftest import PLANTED_SECRETS
+from tests.conftest import HOSTILE_PIECES, HOSTILE_SECRET, PLANTED_SECRETS
 
 MakeBroker = Callable[..., Broker]
 POOL_KEYS = ("available", "in_use", "creating", "checking", "total", "waiting")
@@ -46,6 +47,23 @@ async def _config_error(b: Broker, other: Broker) -> None:
 
 async def _unknown_scheme(b: Broker, other: Broker) -> None:
     Neo4jConnectionConfig(uri="gopher://db.example:7687")
+
+
+async def _delimiters_in_uri_password(b: Broker, other: Broker) -> None:
+    Neo4jConnectionConfig(uri=f"bolt://neo4j:{HOSTILE_SECRET}@db.example:7687")
+
+
+async def _slash_in_uri_password(b: Broker, other: Broker) -> None:
+    # Parsed as is, the URI's port would be "slashA-91e".
+    Neo4jConnectionConfig(uri="bolt://neo4j:slashA-91e/hashB-27c@db.example:7687")
+
+
+async def _bad_port_after_uri_password(b: Broker, other: Broker) -> None:
+    Neo4jConnectionConfig(uri=f"bolt://neo4j:{_encoded()}@db.example:76877")
+
+
+def _encoded() -> str:
+    return urllib.parse.quote(HOSTILE_SECRET, safe="")
 
 
 async def _borrow(b: Broker, other: Broker) -> None:
@@ -117,6 +135,26 @@ CASES = [
     Case("invalid config values", _config_error, ValueError, "must not exceed pool_max_size"),
     Case("unknown URI scheme", _unknown_scheme, ValueError, "unknown URI scheme 'gopher'"),
     Case(
+        "'/', '?', '#' in a URI's password",
+        _delimiters_in_uri_password,
+        ValueError,
+        r"uri 'bolt://\*\*\*@db.example:7687' has an '@' outside its host part",
+    ),
+    Case("'/' in a URI's password", _slash_in_uri_password, ValueError, "outside its host part"),
+    Case(
+        "bad port after a URI's password",
+        _bad_port_after_uri_password,
+        ValueError,
+        r"port 76877 in uri 'bolt://\*\*\*@db.example:76877' is out of range",
+    ),
+    Case(
+        "wrong password in the URI, every delimiter encoded",
+        _borrow,
+        neo4j.exceptions.AuthError,
+        "",
+        {"uri": "hostile credentials"},
+    ),
+    Case(
         "wrong password",
         _borrow,
         neo4j.exceptions.AuthError,
@@ -161,7 +199,13 @@ async def test_bad_input_gives_a_clear_error_and_loses_nothing(
         dead.refuse()
         if changes.get("uri") == "unreachable":
             changes.update(uri=dead.uri, connection_timeout=2.0, connection_acquisition_timeout=3.0)
+        if changes.get("uri") == "hostile credentials":
+            host = bolt_server.uri.partition("://")[2]
+            user = urllib.parse.quote(bolt_server.auth[0], safe="")
+            changes.update(uri=f"bolt://{user}:{_encoded()}@{host}", password="")
         b = make_broker(pool_max_size=2, pool_min_size=0, **changes)
+        if case.config == {"uri": "hostile credentials"}:
+            assert b.config.password == HOSTILE_SECRET, "taken out of the URI"
         other = make_broker(pool_min_size=0)
         if not case.config:
             async with b.borrow():  # a warm pool: one idle driver
@@ -174,7 +218,7 @@ async def test_bad_input_gives_a_clear_error_and_loses_nothing(
                 await case.action(b, other)
             text = str(caught.value)
             assert re.search(case.message, text), text
-            for secret in PLANTED_SECRETS:
+            for secret in (*PLANTED_SECRETS, HOSTILE_SECRET, *HOSTILE_PIECES):
                 assert secret not in text
         after = await pool_state(b)
         if case.name != "borrow after close":

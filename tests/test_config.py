@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import Any
 
 import pytest
 
 from broker import Neo4jConnectionConfig
 from broker.config import redact_uri
-from tests.conftest import PLANTED_SECRETS
+from tests.conftest import HOSTILE_SECRET, PLANTED_SECRETS, SecretWatch
 
 SECRET = PLANTED_SECRETS[1]
 URI_SECRET = PLANTED_SECRETS[0]
+#: HOSTILE_SECRET as a URI must carry it: every delimiter percent-encoded.
+ENCODED = urllib.parse.quote(HOSTILE_SECRET, safe="")
+#: Its pieces with '@', ':' and '%', which may stay as they are in a URI's user part.
+AT_COLON_PERCENT = HOSTILE_SECRET.partition("?")[2]
+
+
+def leaked(text: str) -> list[str]:
+    """The secrets in play (and pieces of the hostile one) that ``text`` shows."""
+    return sorted(secret for secret in SecretWatch.secrets() if secret in text)
 
 
 @pytest.fixture
@@ -174,6 +184,77 @@ def test_credentials_in_uri_are_moved_out_and_redacted() -> None:
     assert URI_SECRET not in str(caught.value)
     assert "***@db.example" in str(caught.value)
     assert redact_uri(f"bolt://x:{URI_SECRET}@[::1]:7687") == "bolt://***@[::1]:7687"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        # '/', '?' or '#' left in: the URI's host part ends inside the password.
+        (f"bolt://neo4j:{HOSTILE_SECRET}@db.example:7687", "percent-encode"),
+        ("bolt://neo4j:slashA-91e/hashB-27c@db.example:7687", "percent-encode"),
+        ("bolt://neo4j:hashB-27c#queryC-53d@db.example:7687", "percent-encode"),
+        ("bolt://neo4j:queryC-53d?atD-48f@db.example:7687", "percent-encode"),
+        ("bolt://slashA-91e/hashB-27c@db.example:7687", "percent-encode"),
+        ("bolt://neo4j:slashA-91e/hashB-27c@db.example:76x87", "percent-encode"),
+        ("gopher://neo4j:slashA-91e/hashB-27c@db.example:7687", "percent-encode"),
+        ("neo4j:slashA-91e/hashB-27c@db.example:7687", "percent-encode"),
+        ("neo4j:hashB-27c@db.example:7687", "percent-encode"),
+        # '@', ':' and '%' left in, or everything encoded: the URI parses.
+        (f"bolt://neo4j:{AT_COLON_PERCENT}@db.example:76877", r"port 76877 .*out of range"),
+        (f"bolt://neo4j:{AT_COLON_PERCENT}@db.example:http", r"port 'http' .*not a number"),
+        (f"bolt://neo4j:{AT_COLON_PERCENT}@", "names no host"),
+        (f"bolt://neo4j:{ENCODED}@db.example:76877", r"port 76877 .*out of range"),
+        (f"bolt://neo4j:{ENCODED}@db.example:x1", r"port 'x1' .*not a number"),
+        (f"gopher://neo4j:{ENCODED}@db.example", "unknown URI scheme 'gopher'"),
+        (f"bolt://neo4j:{ENCODED}@[::1", "is not a valid URI"),
+    ],
+    ids=[
+        "every-delimiter",
+        "slash",
+        "hash",
+        "question-mark",
+        "slash-no-user",
+        "slash-bad-port",
+        "slash-unknown-scheme",
+        "slash-no-slashes",
+        "no-slashes",
+        "at-colon-percent-port-range",
+        "at-colon-percent-port-text",
+        "at-colon-percent-no-host",
+        "encoded-port-range",
+        "encoded-port-text",
+        "encoded-unknown-scheme",
+        "encoded-bad-ipv6",
+    ],
+)
+def test_uri_passwords_with_delimiters_never_show_in_errors(uri: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        Neo4jConnectionConfig(uri=uri)
+    text = str(caught.value)
+    assert leaked(text) == [], text
+    assert "***@" in text, "the URI is shown, redacted"
+    assert leaked(redact_uri(uri)) == []
+
+
+@pytest.mark.parametrize(
+    ("written", "password"),
+    [
+        (ENCODED, HOSTILE_SECRET),
+        (AT_COLON_PERCENT, AT_COLON_PERCENT),
+        (urllib.parse.quote(AT_COLON_PERCENT, safe=""), AT_COLON_PERCENT),
+    ],
+    ids=["encoded", "at-colon-percent", "at-colon-percent-encoded"],
+)
+def test_uri_passwords_with_delimiters_are_taken_out(written: str, password: str) -> None:
+    uri = f"neo4j://neo4j:{written}@db.example:7687/path?policy=eu#top"
+    config = Neo4jConnectionConfig(uri=uri)
+    assert config.password == password
+    assert config.uri == "neo4j://db.example:7687/path?policy=eu#top"
+    assert leaked(repr(config)) == []
+    assert redact_uri(uri) == "neo4j://***@db.example:7687/path?policy=eu#top"
+    with pytest.raises(ValueError, match="pool_max_size") as caught:
+        config.replace(pool_max_size=0)
+    assert leaked(str(caught.value)) == []
 
 
 def test_from_env_reads_every_field() -> None:
