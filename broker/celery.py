@@ -27,9 +27,12 @@ What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
   task on the same thread (the events join the worker's log at its
   ``--loglevel``, once each: see :func:`broker.log.configure`);
 - with ``ready_check=True``, once the worker is ready (``worker_ready``) a
-  thread checks that the database answers (:func:`broker.wait` in a loop of
-  its own, closed afterwards) and logs ``celery.ready`` or, with the error,
-  ``celery.not_ready``; the worker runs either way;
+  thread checks that the database answers (:func:`check_ready`: the pool's
+  minimum and one borrowed driver, in a loop of its own, closed afterwards)
+  and logs ``celery.ready`` or, with the error, ``celery.not_ready``; the
+  worker runs either way. The signal fires where tasks are consumed, so in
+  a prefork worker the check connects in the master; it is the only thing
+  :func:`setup` wires that connects;
 - at shutdown (``worker_shutdown`` in the worker process,
   ``worker_process_shutdown`` in each prefork child) every loop made by
   :func:`broker.run` is closed after its pools closed their drivers, then
@@ -171,21 +174,32 @@ def close_pools(timeout: float | None = None, *, reason: str = "shutdown") -> di
 def check_ready(timeout: float | None = None) -> bool:
     """Check that the default broker reaches the database; log and return the result.
 
-    Runs :func:`broker.wait` in a loop of its own (its pool is closed when
-    it returns), so it may be called from any thread without a running
-    loop. Logs ``celery.ready`` (with the seconds it took) or
-    ``celery.not_ready`` (with the error).
+    In a loop of its own, waits for the pool's ``pool_min_size`` verified
+    drivers (:func:`broker.wait`), then borrows one and has the server
+    answer, so the check connects even with a minimum of 0. The loop's pool
+    is closed before it returns, so it may be called from any thread
+    without a running loop. ``timeout`` (default ``borrow_timeout``) bounds
+    the wait and the borrow together. Logs ``celery.ready`` (with the
+    seconds it took) or ``celery.not_ready`` (with the error).
     """
     _configure_once()
     started = time.monotonic()
     try:
-        asyncio.run(default.wait(timeout))
+        asyncio.run(_reach_database(timeout))
     except Exception as exc:
         seconds = round(time.monotonic() - started, 3)
         log.emit(log.ERROR, "celery.not_ready", error=describe(exc), seconds=seconds)
         return False
     log.emit(log.INFO, "celery.ready", seconds=round(time.monotonic() - started, 3))
     return True
+
+
+async def _reach_database(timeout: float | None) -> None:
+    budget = default.get_broker().config.borrow_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+    await default.wait(budget)
+    async with default.borrow(max(0.0, deadline - time.monotonic())) as conn:
+        await conn.driver.verify_connectivity()
 
 
 # -- signal handlers -----------------------------------------------------------

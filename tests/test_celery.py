@@ -33,6 +33,7 @@ import broker
 import broker.celery
 from broker import runner
 from broker.testing import BoltServer
+from broker.testing import server as server_module
 from broker.testing.sockets import open_connections
 from examples.celery_config import DIR_ENV, celery_settings
 from examples.celery_demo import ROOT, Worker
@@ -579,3 +580,36 @@ def test_ready_check_at_worker_ready_logs_the_result(
         assert event["error"].startswith("AuthError")
     totals = broker.totals()
     assert totals["created"] == totals["closed"], "the check's own loop closed its pool"
+
+
+@pytest.mark.parametrize("pool_min_size", [0, 2])
+@pytest.mark.parametrize("listening", [True, False], ids=["server", "nothing-listens"])
+def test_ready_check_reaches_the_database_whatever_the_minimum(
+    bolt_config: broker.Neo4jConnectionConfig,
+    bolt_server: BoltServer,
+    pool_min_size: int,
+    listening: bool,
+) -> None:
+    """Ready means a driver of this configuration answered, even with no minimum to wait for."""
+    config = bolt_config.replace(pool_min_size=pool_min_size, connection_timeout=2.0)
+    if not listening:
+        [port] = server_module._free_ports(1)  # just handed out and closed: nothing listens
+        config = config.replace(uri=f"bolt://127.0.0.1:{port}")
+    before = open_connections(bolt_port(bolt_server))
+    broker.celery.setup(Celery("wiring-ready-min", set_as_current=False), config)
+    events = ready_events()
+    try:
+        ready = broker.celery.check_ready(timeout=10)
+    finally:
+        broker.celery.disconnect()
+    [event] = events
+    totals = broker.totals()
+    if listening:
+        assert ready and event["event"] == "celery.ready"
+        assert totals["created"] >= max(1, pool_min_size), "a driver was made and verified"
+    else:
+        assert not ready and event["event"] == "celery.not_ready"
+        assert event["error"].startswith("ServiceUnavailable"), event
+    assert totals["created"] == totals["closed"], "the check's own loop closed its pool"
+    assert broker.stats_sync() == {}
+    assert open_connections(bolt_port(bolt_server)) == before
