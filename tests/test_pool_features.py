@@ -22,7 +22,7 @@ from broker import BorrowTimeout, Broker, Neo4jConnectionConfig, TooManyWaiters
 from broker.actor import Actor
 from broker.testing import BoltServer, EmbeddedServer
 from broker.testing.faults import FaultProxy
-from tests.conftest import PLANTED_SECRETS
+from tests.conftest import PLANTED_SECRETS, SecretWatch
 from tests.helpers import bolt_port, eventually
 
 MakeBroker = Callable[..., Broker]
@@ -688,16 +688,25 @@ async def test_module_functions_reach_the_default_broker(
 
 
 async def test_new_events_are_logged_without_secrets(
-    make_broker: MakeBroker,
+    make_broker: MakeBroker, bolt_config: Neo4jConnectionConfig, secret_watch: SecretWatch
 ) -> None:
     events: list[dict[str, Any]] = []
 
     def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
         events.append(dict(event))
-        raise structlog.DropEvent
+        raise structlog.DropEvent  # never reaches the logging handlers the watch sees
 
     structlog.configure(processors=[keep], cache_logger_on_first_use=False)
-    b = make_broker(pool_min_size=0, pool_max_size=1, max_waiting=1)
+    real = (bolt_config.username, bolt_config.password)
+    # Two secrets in play: the planted password in the config, the real one
+    # that credentials() hands each new driver.
+    b = make_broker(
+        pool_min_size=0,
+        pool_max_size=1,
+        max_waiting=1,
+        password=PLANTED_SECRETS[1],
+        credentials=lambda: real,
+    )
     held = await b.borrow()
     waiting = asyncio.create_task(b.borrow(timeout=5).__aenter__())
     await eventually(lambda: here(b).snapshot()["waiting"] == 1)
@@ -710,3 +719,9 @@ async def test_new_events_are_logged_without_secrets(
     await eventually(lambda: here(b).snapshot()["generation"] == 1)
     names = {e["event"] for e in events}
     assert {"borrow.rejected", "broker.resize", "broker.drain", "pool.drained"} <= names
+    secrets = secret_watch.secrets()
+    assert PLANTED_SECRETS[1] in secrets
+    for event in events:
+        text = repr(event)
+        secret_watch.check(text, f"event {event['event']}")
+        assert not any(s in text for s in secrets), f"a secret in {event['event']}"
