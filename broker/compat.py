@@ -25,10 +25,11 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 from neo4j import AsyncDriver
 
@@ -36,6 +37,7 @@ from broker import default, log
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.errors import BrokerError
+from broker.pool import Effects, Pool
 from broker.workspace import check_workspace
 
 if TYPE_CHECKING:
@@ -183,24 +185,45 @@ class EventLoopConnectionPool:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """This loop's counters as they stand (``available``, ``in_use``, ``total`` ...)."""
+        """This loop's counters as they stand (``available``, ``in_use``, ``total`` ...).
+
+        Before the loop's first borrow the keys are the same, with zeros,
+        the current sizes and ``loop`` None (the pool gets its name when it
+        starts); ``loop_id`` names the loop either way.
+        """
         current = default.get_broker()
         loop = self._loop()
         actor = current._registry.get(loop) if loop is not None else None
-        if actor is None:
-            return {
-                "available": 0,
-                "in_use": 0,
-                "total": 0,
-                "max_size": current.config.pool_max_size,
-            }
-        return actor.snapshot()
+        entry = actor.snapshot() if actor is not None else _no_pool_yet(current)
+        entry["loop_id"] = self.loop_id
+        return entry
 
     async def get_stats(self) -> dict[str, Any]:
-        """This loop's counters once its pool has handled what was sent to it so far."""
+        """This loop's counters once its pool has handled what was sent to it so far.
+
+        Before the loop's first borrow: the keys of :meth:`Broker.stats`
+        entries, with zeros, as :attr:`stats` gives them.
+        """
         loop = self._check_loop()
-        stats = await default.get_broker().stats(ask_others=False)
-        return _by_loop_id(stats).get(_loop_id(loop), {})
+        current = default.get_broker()
+        entry = _by_loop_id(await current.stats(ask_others=False)).get(_loop_id(loop))
+        if entry is None:
+            entry = _no_pool_yet(current)
+            entry.update(responsive=True, loop_running=True, loop_id=_loop_id(loop))
+        return entry
+
+
+def _no_pool_yet(current: Broker) -> dict[str, Any]:
+    """The stats of a loop whose pool has not started: zeros, the broker's current sizes."""
+    with current._settings_lock:
+        sizes, generation = current._sizes, current._generation
+    thread = threading.current_thread().name
+    # A pool that is only read never calls its effects: it needs no actor.
+    no_actor = cast(Effects, None)
+    pool = Pool(current.config, no_actor, "", thread, sizes=sizes, generation=generation)
+    entry = pool.snapshot(time.monotonic())
+    entry["loop"] = None
+    return entry
 
 
 #: The name this module gave :class:`EventLoopConnectionPool` before.

@@ -116,6 +116,30 @@ async def test_get_pool_is_the_current_loops_pool_named_by_loop_id(
         await other.borrow_connection()
 
 
+async def test_a_pools_stats_have_the_same_keys_before_its_first_borrow(
+    seed_config: Neo4jConnectionConfig,
+) -> None:
+    pool = await GlobalNeo4jConnectionPool().get_pool()
+    before, asked_before = pool.stats, await pool.get_stats()
+    conn = await pool.borrow_connection()
+    during, asked_during = pool.stats, await pool.get_stats()
+    await pool.return_connection(conn)
+    assert set(before) == set(during), set(before) ^ set(during)
+    assert set(asked_before) == set(asked_during), set(asked_before) ^ set(asked_during)
+    for entry in (before, asked_before):
+        assert entry["loop_id"] == loop_id()
+        assert entry["loop"] is None, "no pool yet, so no pool's name"
+        assert entry["in_use"] == entry["available"] == entry["total"] == entry["borrows"] == 0
+        assert entry["max_size"] == seed_config.pool_max_size
+        assert entry["min_size"] == seed_config.pool_min_size
+    for entry in (during, asked_during):
+        assert entry["loop_id"] == loop_id() and entry["loop"].endswith(tuple("0123456789"))
+        assert entry["in_use"] == 1 and entry["borrows"] == 1
+    broker.resize(0, 3)  # a pool born later starts with the current sizes: so do the zeros
+    await pool.close_all()
+    assert pool.stats["max_size"] == (await pool.get_stats())["max_size"] == 3
+
+
 def test_get_loop_id_needs_a_running_loop() -> None:
     with pytest.raises(RuntimeError, match="No running event loop"):
         GlobalNeo4jConnectionPool()._get_loop_id()
