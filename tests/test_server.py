@@ -9,8 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import neo4j
@@ -39,6 +41,40 @@ async def _query(uri: str, auth: tuple[str, str], database: str | None = None) -
     async with neo4j.AsyncGraphDatabase.driver(uri, auth=auth) as driver:
         records, _, _ = await driver.execute_query("RETURN 41 + 1 AS x", database_=database)
         return int(records[0]["x"])
+
+
+def _started_with(tmp: str) -> list[int]:
+    """Processes whose environment names ``tmp`` as TMPDIR: what a test's command started."""
+    mark = f"TMPDIR={tmp}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def own_tmpdir() -> Iterator[dict[str, str]]:
+    """An environment (no NEO4J_*) whose TMPDIR is a directory of this test's own.
+
+    A server started under it, and its data directory, are the test's to
+    clean up: at the end, on every path (a failed assertion included), each
+    process that still carries this TMPDIR is killed, and the directory goes.
+    """
+    with tempfile.TemporaryDirectory(prefix="broker-server-test-") as tmp:
+        try:
+            yield {**_without_neo4j_env(), "TMPDIR": tmp}
+        finally:
+            deadline = time.monotonic() + 30
+            while (left := _started_with(tmp)) and time.monotonic() < deadline:
+                for pid in left:  # a server is the leader of its own process group
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
 
 
 async def test_start_query_kill_restart_stop() -> None:
@@ -93,7 +129,7 @@ def test_password_never_in_repr_or_argv() -> None:
         assert server.password not in argv
 
 
-def test_parent_killed_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_parent_killed_leaves_nothing_behind() -> None:
     script = textwrap.dedent(
         """
         import sys, time
@@ -103,21 +139,26 @@ def test_parent_killed_leaves_nothing_behind(tmp_path: Path) -> None:
         time.sleep(600)
         """
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        assert parent.stdout is not None
-        child_pid, root = parent.stdout.readline().split()
-        assert Path(root).exists()
-    finally:
-        os.killpg(parent.pid, signal.SIGKILL)
-        parent.wait()
-    deadline = time.monotonic() + 30
-    while (_pid_alive(int(child_pid)) or Path(root).exists()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _pid_alive(int(child_pid)), "the server process outlived its parent"
-    assert not Path(root).exists(), "the temporary directory outlived its parent"
+    with own_tmpdir() as env:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert parent.stdout is not None
+            child_pid, root = parent.stdout.readline().split()
+            assert Path(root).exists()
+        finally:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+        deadline = time.monotonic() + 30
+        while (_pid_alive(int(child_pid)) or Path(root).exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _pid_alive(int(child_pid)), "the server process outlived its parent"
+        assert not Path(root).exists(), "the temporary directory outlived its parent"
 
 
 def test_neo4j_uri_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,20 +209,21 @@ def _without_neo4j_env() -> dict[str, str]:
 
 
 def _run_help(command: list[str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        [*command, "--help"],
-        env=_without_neo4j_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:  # a command line that ignored --help started a server: stop it all
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with own_tmpdir() as env:
+        proc = subprocess.Popen(
+            [*command, "--help"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:  # a command line that ignored --help started a server: stop it all
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -225,41 +267,43 @@ def test_command_line_server_runs_until_sigterm() -> None:
     password = "cli-password-8d2e"
     command = [sys.executable, "-m", "broker.testing.server", "--bolt-port", str(bolt)]
     command += ["--http-port", str(http), "--password", password, "--database", "clitest"]
-    proc = subprocess.Popen(
-        command,
-        env=_without_neo4j_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        exported = {}
-        for line in proc.stdout:  # the four lines come once the server answers
-            name, _, value = line.strip().removeprefix("export ").partition("=")
-            exported[name] = value
-            if len(exported) == 4:
-                break
-        assert exported == {
-            "NEO4J_URI": f"bolt://127.0.0.1:{bolt}",
-            "NEO4J_USERNAME": "root",
-            "NEO4J_PASSWORD": password,
-            "NEO4J_DATABASE": "clitest",
-        }
-        auth = (exported["NEO4J_USERNAME"], password)
-        assert asyncio.run(_query(exported["NEO4J_URI"], auth, "clitest")) == 42
-        [server_pid] = _children(proc.pid)
+    with own_tmpdir() as env:
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            exported = {}
+            for line in proc.stdout:  # the four lines come once the server answers
+                name, _, value = line.strip().removeprefix("export ").partition("=")
+                exported[name] = value
+                if len(exported) == 4:
+                    break
+            assert exported == {
+                "NEO4J_URI": f"bolt://127.0.0.1:{bolt}",
+                "NEO4J_USERNAME": "root",
+                "NEO4J_PASSWORD": password,
+                "NEO4J_DATABASE": "clitest",
+            }
+            auth = (exported["NEO4J_USERNAME"], password)
+            assert asyncio.run(_query(exported["NEO4J_URI"], auth, "clitest")) == 42
+            [server_pid] = _children(proc.pid)
 
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, err
-    assert "Warning" not in err, err
-    assert not _pid_alive(server_pid), "the server process outlived the command"
-    [data_dir] = re.findall(r"data directory: (\S+)", err)
-    assert not Path(data_dir).exists(), "the temporary directory outlived the command"
-    assert not _port_answers(bolt) and not _port_answers(http)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == 0, err
+        assert "Warning" not in err, err
+        assert not _pid_alive(server_pid), "the server process outlived the command"
+        [data_dir] = re.findall(r"data directory: (\S+)", err)
+        assert data_dir.startswith(env["TMPDIR"])
+        assert not Path(data_dir).exists(), "the temporary directory outlived the command"
+        assert not _port_answers(bolt) and not _port_answers(http)
