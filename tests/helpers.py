@@ -58,12 +58,17 @@ def strict_env(config: Neo4jConnectionConfig) -> dict[str, str]:
 
 
 def run_strict(
-    script: str, config: Neo4jConnectionConfig, *args: str, strict: bool = True
+    script: str,
+    config: Neo4jConnectionConfig,
+    *args: str,
+    strict: bool = True,
+    timeout: float = 240,
 ) -> dict[str, Any]:
     """Run ``script`` in a child interpreter; check its stderr; return its last JSON line.
 
     Strict: asyncio's debug mode on, ResourceWarning an error, and nothing on
-    stderr that says a task was left pending or a resource unclosed.
+    stderr that says a task was left pending or a resource unclosed. The
+    child is killed after ``timeout`` seconds.
     """
     env = strict_env(config)
     warnings = ["-W", "error::ResourceWarning"]
@@ -75,7 +80,7 @@ def run_strict(
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     trouble = [line for line in done.stderr.splitlines() if any(t in line for t in TROUBLE)]
