@@ -7,7 +7,8 @@ the first step starts the loop's actor after the list of tasks to cancel was
 taken, so nobody would cancel it. Each actor therefore registers an async
 generator with its loop: ``shutdown_asyncgens()`` closes it, and closing it
 cancels the actor and waits until it has closed its drivers. A borrow that
-comes even later (once generators are being shut down) is refused.
+comes even later (once generators are being shut down) is refused, on
+asyncio's loops: uvloop does not say when that step has begun.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["end_with_loop", "shutting_down"]
 
 
 def shutting_down(loop: asyncio.AbstractEventLoop) -> bool:
-    """True once ``loop`` has begun its last step (``shutdown_asyncgens``)."""
+    """True once ``loop`` has begun its last step (``shutdown_asyncgens``); never on uvloop."""
     return bool(getattr(loop, "_asyncgens_shutdown_called", False))
 
 
