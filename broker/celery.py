@@ -59,13 +59,13 @@ from typing import Any, ParamSpec, TypeVar
 import structlog
 
 try:
-    from celery import signals
+    from celery import current_task, signals
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "broker.celery needs Celery: pip install 'neo4j-loop-broker[celery]'"
     ) from exc
 
-from broker import default, log, runner
+from broker import celery_asyncio, default, log, runner
 from broker.config import Neo4jConnectionConfig
 from broker.pool import describe
 
@@ -127,7 +127,10 @@ def task(app: Any, **options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, 
 
     ``options`` go to ``app.task`` unchanged (``name``, ``bind``, ``acks_late``
     ...). Each call runs on the worker thread's persistent loop, so the
-    thread's pool is reused by its next tasks.
+    thread's pool is reused by its next tasks; under
+    :class:`broker.celery_asyncio.AsyncioPool`, on the process's one shared
+    loop instead. The task's id and name are bound inside its coroutine, so
+    its events carry them wherever it runs, next to other tasks on one loop.
     """
 
     def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Any:
@@ -139,11 +142,29 @@ def task(app: Any, **options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, 
 
         @functools.wraps(fn)
         def run_on_thread_loop(*args: P.args, **kwargs: P.kwargs) -> R:
-            return runner.run(fn(*args, **kwargs))
+            # Read here, on the thread Celery runs the task on (its task stack
+            # is thread-local), and bound where the coroutine runs.
+            request = getattr(current_task, "request", None)
+            task_id = getattr(request, "id", None)
+            task_name = getattr(current_task, "name", None) if task_id is not None else None
+            coro = _in_task_context(fn(*args, **kwargs), task_id, task_name)
+            shared = celery_asyncio.shared_loop()
+            if shared is not None:
+                return shared.run(coro)
+            return runner.run(coro)
 
         return app.task(**options)(run_on_thread_loop)
 
     return decorate
+
+
+async def _in_task_context(
+    coro: Coroutine[Any, Any, R], task_id: str | None, task_name: str | None
+) -> R:
+    """Await ``coro`` with the task's id and name bound in the coroutine's own context."""
+    if task_id is not None:
+        structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task_name)
+    return await coro
 
 
 def close_pools(timeout: float | None = None, *, reason: str = "shutdown") -> dict[str, int]:

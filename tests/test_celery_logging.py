@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from celery import Celery
 
 from broker.testing import BoltServer
-from examples.celery_config import DIR_ENV, celery_settings
+from examples.celery_config import QUEUE_ENV
 from examples.celery_demo import ROOT
+from tests.test_celery import celery_client, new_queue
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -63,9 +63,10 @@ BROKER_EVENT = re.compile(r"^(actor|driver|borrow|return|broker|health_check|cel
 DICT_LIKE = re.compile(r"\{\s*'[^']*'\s*:")
 
 
-def run_worker(server: BoltServer, level: str) -> tuple[list[str], int, str, str]:
+def run_worker(server: BoltServer, broker_url: str, level: str) -> tuple[list[str], int, str, str]:
     """Run TASKS tasks on a worker at ``level``; its log file, created count, ids, output."""
     work = Path(tempfile.mkdtemp(prefix="broker-celery-logs-"))
+    queue = new_queue()
     try:
         (work / "modules").mkdir()
         (work / "modules" / "logs_app.py").write_text(APP)
@@ -78,7 +79,9 @@ def run_worker(server: BoltServer, level: str) -> tuple[list[str], int, str, str
             "NEO4J_PASSWORD": password,
             "NEO4J_POOL_MIN_SIZE": "0",  # every driver is made for a task
             "NEO4J_POOL_MAX_SIZE": "2",
-            DIR_ENV: str(work),
+            "CELERY_BROKER_URL": broker_url,
+            "CELERY_RESULT_BACKEND": broker_url,
+            QUEUE_ENV: queue,
             "PYTHONPATH": os.pathsep.join(filter(None, path)),
         }
         logfile, output = work / "worker.log", work / "output.txt"
@@ -96,8 +99,7 @@ def run_worker(server: BoltServer, level: str) -> tuple[list[str], int, str, str
                     assert proc.poll() is None, output.read_text()[-3000:]
                     assert time.monotonic() < deadline, "the worker is not ready after 60 s"
                     time.sleep(0.1)
-                client = Celery("logs-client", set_as_current=False)
-                client.conf.update(celery_settings(work))
+                client = celery_client(broker_url, queue)
                 sent = [client.send_task("logs.query") for _ in range(TASKS)]
                 assert [r.get(timeout=60, interval=0.05) for r in sent] == [1] * TASKS
                 created = client.send_task("logs.created").get(timeout=60, interval=0.05)
@@ -131,8 +133,10 @@ def field(message: str, name: str) -> str | None:
 
 
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
-def test_worker_log_has_each_event_once_at_its_level(bolt_server: BoltServer, level: str) -> None:
-    lines, created, ids, output = run_worker(bolt_server, level)
+def test_worker_log_has_each_event_once_at_its_level(
+    bolt_server: BoltServer, celery_broker_url: str, level: str
+) -> None:
+    lines, created, ids, output = run_worker(bolt_server, celery_broker_url, level)
     events = broker_events(lines)
     assert events, "\n".join(lines[-50:])
     assert not [m for _, m in events if DICT_LIKE.search(m)]

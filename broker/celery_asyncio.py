@@ -1,0 +1,113 @@
+"""A Celery worker pool that runs the bodies of async tasks on one shared event loop.
+
+Celery's tracer (signals, result, acknowledgement) is synchronous, so it
+runs on threads as in ``-P threads``; the coroutine of each
+:func:`broker.celery.task` is handed to the one loop of the process and the
+thread waits for it. ``--concurrency`` is how many tasks may be in flight;
+they all share that loop's pool, bounded by ``pool_max_size``. Select it
+with::
+
+    CELERY_CUSTOM_WORKER_POOL=broker.celery_asyncio:AsyncioPool celery -A app worker -P custom -c 50
+
+(or ``app.conf.worker_pool = "broker.celery_asyncio:AsyncioPool"``). When the
+pool stops, after its running tasks finished, the loop ends and its pool
+closes its drivers in it, before ``worker_shutdown`` closes the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+try:
+    from celery.concurrency import thread
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "broker.celery_asyncio needs Celery: pip install 'neo4j-loop-broker[celery]'"
+    ) from exc
+
+__all__ = ["AsyncioPool", "SharedLoop", "shared_loop"]
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_current: SharedLoop | None = None
+
+
+def shared_loop() -> SharedLoop | None:
+    """The running shared loop of this process's :class:`AsyncioPool`, if any."""
+    return _current
+
+
+class SharedLoop:
+    """One event loop on a thread of its own, taking coroutines from any thread."""
+
+    def __init__(self, name: str = "broker-asyncio-pool") -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def start(self) -> SharedLoop:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the shared loop is not running")
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the shared loop, next to the others; wait for its result."""
+        if self._loop is None or not self._thread.is_alive():
+            coro.close()
+            raise RuntimeError("the shared loop is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop: its pools close their drivers in it before it closes."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        # Runner.close() cancels what is left (the actors close their drivers),
+        # then closes the loop.
+        with asyncio.Runner() as runner:
+            runner.run(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+        await self._stop.wait()
+
+
+class AsyncioPool(thread.TaskPool):  # type: ignore[misc]
+    """``-P threads`` whose async task bodies all run on one event loop of the process."""
+
+    def on_start(self) -> None:
+        global _current
+        with _lock:
+            if _current is None:
+                _current = SharedLoop().start()
+        super().on_start()
+
+    def on_stop(self) -> None:
+        global _current
+        super().on_stop()  # the running tasks finish first
+        with _lock:
+            current, _current = _current, None
+        if current is not None:
+            current.stop()
+
+    def _get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super()._get_info()
+        current = _current
+        info["event-loop"] = str(id(current.loop)) if current is not None else None
+        return info
