@@ -109,6 +109,20 @@ def celery_client(broker_url: str, queue: str) -> Celery:
     return client
 
 
+def close_client(client: Celery) -> None:
+    """Stop listening for results while Redis still runs.
+
+    A result never waited for stays subscribed; collected after Redis has
+    stopped, it would try to unsubscribe on a dead connection.
+    """
+    consumer = getattr(client.backend, "result_consumer", None)
+    if consumer is not None:
+        with contextlib.suppress(Exception):
+            consumer.subscribed_to.clear()
+            consumer.stop()
+    client.close()
+
+
 @contextlib.contextmanager
 def celery_worker(
     server: BoltServer,
@@ -153,7 +167,7 @@ def celery_worker(
         "PYTHONWARNINGS": "default",
         **(env or {}),
     }
-    worker = None
+    worker = client = None
     try:
         worker = Worker(
             worker_env,
@@ -169,6 +183,8 @@ def celery_worker(
     finally:
         if worker is not None:
             worker.stop()
+        if client is not None:
+            close_client(client)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -34,6 +34,7 @@ from tests.test_celery import (
     WorkerRun,
     celery_client,
     celery_worker,
+    close_client,
     new_queue,
     wait_all,
 )
@@ -119,9 +120,7 @@ class FleetScenario:
 
 
 @pytest.fixture(scope="module")
-def fleet(
-    bolt_server: BoltServer, bolt_config: broker.Neo4jConnectionConfig, celery_broker_url: str
-) -> FleetScenario:
+def fleet(bolt_server: BoltServer, celery_broker_url: str) -> FleetScenario:
     tag = uuid.uuid4().hex[:8]
     workspaces = [f"fleet-{tag}-{k}" for k in range(FLEET_WORKSPACES)]
     queue = new_queue()
@@ -135,6 +134,7 @@ def fleet(
                 )
             )
         client = celery_client(celery_broker_url, queue)
+        stack.callback(close_client, client)
         pending = [
             client.send_task("examples.ingest", args=(workspaces[n % FLEET_WORKSPACES], f"doc-{n}"))
             for n in range(FLEET_TASKS)
@@ -142,7 +142,14 @@ def fleet(
         results = wait_all(pending, timeout=240)
         for name, worker in live.items():
             runs[name] = worker.stop()  # warm shutdown, one after the other
-    counts = graph_counts(bolt_config, workspaces)
+    username, password = bolt_server.auth
+    config = broker.Neo4jConnectionConfig(
+        uri=bolt_server.uri,
+        username=username,
+        password=password,
+        database=bolt_server.default_database,
+    )
+    counts = graph_counts(config, workspaces)
     return FleetScenario([r.id for r in pending], results, runs, counts, workspaces)
 
 
@@ -246,7 +253,7 @@ def test_kill_9_mid_task_redelivers_to_another_worker(
             bolt_server, celery_broker_url, "threads", 4, queue=queue, name="survivor", env=env
         ) as survivor,
     ):
-        client = celery_client(celery_broker_url, queue)
+        client = victim.client  # one queue: either worker's client sends to both
         pending = [
             client.send_task(
                 "examples.ingest",

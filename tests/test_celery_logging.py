@@ -24,7 +24,7 @@ import pytest
 from broker.testing import BoltServer
 from examples.celery_config import QUEUE_ENV
 from examples.celery_demo import ROOT
-from tests.test_celery import celery_client, new_queue
+from tests.test_celery import celery_client, close_client, new_queue
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -100,10 +100,13 @@ def run_worker(server: BoltServer, broker_url: str, level: str) -> tuple[list[st
                     assert time.monotonic() < deadline, "the worker is not ready after 60 s"
                     time.sleep(0.1)
                 client = celery_client(broker_url, queue)
-                sent = [client.send_task("logs.query") for _ in range(TASKS)]
-                assert [r.get(timeout=60, interval=0.05) for r in sent] == [1] * TASKS
-                created = client.send_task("logs.created").get(timeout=60, interval=0.05)
-                ids = " ".join(r.id for r in sent)
+                try:
+                    sent = [client.send_task("logs.query") for _ in range(TASKS)]
+                    assert [r.get(timeout=60, interval=0.05) for r in sent] == [1] * TASKS
+                    created = client.send_task("logs.created").get(timeout=60, interval=0.05)
+                    ids = " ".join(r.id for r in sent)
+                finally:
+                    close_client(client)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=60) == 0
             finally:
