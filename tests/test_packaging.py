@@ -38,6 +38,7 @@ def test_readme_installs_by_the_distribution_name() -> None:
     ("module", "missing", "extra"),
     [
         ("broker.celery", "celery", "celery"),
+        ("broker.celery_asyncio", "celery", "celery"),
         ("broker.prometheus", "prometheus_client", "prometheus"),
     ],
 )
