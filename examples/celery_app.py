@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import neo4j
 import structlog
 from celery import Celery, signals
 
@@ -82,26 +83,27 @@ async def ingest(
             # Nodes are keyed by the workspace too: its database may be shared.
             key = f"{workspace}/{doc}"
             names = [f"{key}/e{k}" for k in range(entities)]
+
+            async def write(tx: neo4j.AsyncManagedTransaction) -> None:
+                result = await tx.run(
+                    "MERGE (d:base {entity_id: $key}) "
+                    "SET d.kind = 'document', d.workspace = $workspace "
+                    "WITH d UNWIND $names AS name "
+                    "MERGE (e:base {entity_id: name}) "
+                    "SET e.kind = 'entity', e.workspace = $workspace "
+                    "MERGE (d)-[:MENTIONS]->(e)",
+                    key=key,
+                    workspace=workspace,
+                    names=names,
+                )
+                await result.consume()
+                if hold:
+                    await asyncio.sleep(hold)
+
+            # A managed transaction: run again on a transient error (a write
+            # conflict with a concurrent task), which MERGE makes harmless.
             async with conn.driver.session(database=database) as session:
-                tx = await session.begin_transaction()
-                try:
-                    result = await tx.run(
-                        "MERGE (d:base {entity_id: $key}) "
-                        "SET d.kind = 'document', d.workspace = $workspace "
-                        "WITH d UNWIND $names AS name "
-                        "MERGE (e:base {entity_id: name}) "
-                        "SET e.kind = 'entity', e.workspace = $workspace "
-                        "MERGE (d)-[:MENTIONS]->(e)",
-                        key=key,
-                        workspace=workspace,
-                        names=names,
-                    )
-                    await result.consume()
-                    if hold:
-                        await asyncio.sleep(hold)
-                    await tx.commit()
-                finally:
-                    await tx.close()
+                await session.execute_write(write)
             _report.debug("ingest.committed", key=key)
             if linger:
                 await asyncio.sleep(linger)
