@@ -9,16 +9,27 @@ test never share anything with it. Put it between a driver and the server
 - :meth:`blackhole`: keep connections open but forward nothing;
 - :meth:`delay_handshake`: hold each new connection's first bytes for a while;
 - :meth:`refuse`: stop listening, so new connections are refused.
+
+Two settings fixed at construction make it stand in for a real network hop:
+``latency`` delays every chunk by that many seconds in each direction (order
+kept, throughput not limited: reading goes on while earlier chunks wait), and
+``tls`` makes it a TLS-terminating listener (a server-side ``SSLContext``) in
+front of a plain Bolt server. ``python -m broker.testing.faults`` runs one in
+a process of its own, so that its work does not share the caller's CPU time.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import math
 import socket
+import ssl
 import struct
+import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -26,6 +37,9 @@ __all__ = ["FaultProxy"]
 
 T = TypeVar("T")
 _CHUNK = 65536
+# Chunks read but not yet due, per direction, before reading waits: a bound on
+# memory, far above what a 1 ms delay holds at loopback speed.
+_IN_FLIGHT = 256
 
 
 class _Link:
@@ -49,10 +63,29 @@ class _Link:
 
 
 class FaultProxy:
-    """A loopback TCP proxy to ``target_host:target_port`` with switchable faults."""
+    """A loopback TCP proxy to ``target_host:target_port`` with switchable faults.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    ``latency``: seconds added to every chunk, each way. ``tls``: terminate
+    TLS with this server context; the upstream connection stays plain.
+    """
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        latency: float = 0.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        if isinstance(latency, bool) or not isinstance(latency, int | float):
+            raise ValueError(f"latency must be a number of seconds, got {type(latency).__name__}")
+        if math.isnan(latency) or math.isinf(latency) or latency < 0:
+            raise ValueError(f"latency must be zero or more seconds, got {latency!r}")
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise ValueError(f"tls must be an ssl.SSLContext or None, got {type(tls).__name__}")
         self.target = (target_host, target_port)
+        self.latency = float(latency)
+        self.tls = tls
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy")
@@ -92,7 +125,8 @@ class FaultProxy:
 
     @property
     def uri(self) -> str:
-        return f"bolt://127.0.0.1:{self.port}"
+        scheme = "bolt" if self.tls is None else "bolt+s"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def open_links(self) -> int:
@@ -136,7 +170,9 @@ class FaultProxy:
     async def _listen(self) -> None:
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, ssl=self.tls
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _unlisten(self) -> None:
@@ -168,9 +204,10 @@ class FaultProxy:
         link = _Link((reader, writer), upstream)
         self._links.add(link)
         first = [self._handshake_delay]
+        pump = self._pump if self.latency == 0 else self._pump_late
         pumps = [
-            asyncio.create_task(self._pump(link, reader, upstream[1], first)),
-            asyncio.create_task(self._pump(link, upstream[0], writer, [0.0])),
+            asyncio.create_task(pump(link, reader, upstream[1], first)),
+            asyncio.create_task(pump(link, upstream[0], writer, [0.0])),
         ]
         self._pumps.update(pumps)
         try:
@@ -202,3 +239,78 @@ class FaultProxy:
                 return
             writer.write(data)
             await writer.drain()
+
+    async def _pump_late(
+        self,
+        link: _Link,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delay: list[float],
+    ) -> None:
+        """Like :meth:`_pump`, each chunk sent ``latency`` seconds after it arrived."""
+        loop = asyncio.get_running_loop()
+        due: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_IN_FLIGHT)
+
+        async def send() -> None:
+            try:
+                while True:
+                    at, data = await due.get()
+                    wait = at - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if not data:
+                        with contextlib.suppress(OSError):
+                            writer.write_eof()
+                        return
+                    await self._flowing.wait()
+                    if link not in self._links:
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                while not due.empty():  # frees a reader waiting to put
+                    due.get_nowait()
+
+        sender = asyncio.create_task(send())
+        try:
+            while True:
+                data = await reader.read(_CHUNK)
+                if sender.done():
+                    break
+                await due.put((loop.time() + self.latency + delay[0], data))
+                delay[0] = 0.0
+                if not data:
+                    break
+            await sender
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await sender
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a proxy in this process until its standard input closes.
+
+    Prints ``port N`` once it listens. Used by :class:`broker.testing.tls.TlsFront`
+    to keep a front's TLS work off the measured process.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.testing.faults", description=main.__doc__
+    )
+    parser.add_argument("--target", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added each way")
+    parser.add_argument("--cert-chain", help="PEM certificate chain: listen with TLS")
+    parser.add_argument("--key", help="PEM private key of the certificate")
+    args = parser.parse_args(argv)
+    host, _, port = args.target.rpartition(":")
+    tls = None
+    if args.cert_chain:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert_chain, args.key)
+    with FaultProxy(host, int(port), latency=args.latency, tls=tls) as proxy:
+        print(f"port {proxy.port}", flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
