@@ -26,7 +26,9 @@ import neo4j
 
 import broker
 from benchmarks.mailboxes import JanusGetBroker, QueueMailboxBroker
+from benchmarks.network import Network, local, tls
 from broker import Broker, Neo4jConnectionConfig, runner
+from broker.broker import default_driver_factory
 from broker.testing import BoltServer
 
 
@@ -67,45 +69,83 @@ def median_rate(samples: list[tuple[int, float]]) -> float:
 
 # -- 1. overhead against hand-managed drivers ---------------------------------
 
+# How the concurrency is shaped, the same on both sides unless said otherwise:
+# - "workers": N workers, each running its queries one after another; by hand,
+#   each worker keeps a driver of its own (N drivers, nothing shared);
+# - "shared": the same workers; by hand, all share one driver (its own pool
+#   of sockets serves them);
+# - "burst": every query a task of its own, all started at once; by hand,
+#   spread round-robin over N drivers of one socket each; through the broker,
+#   behind a semaphore of N. N queries in flight on both sides.
+WORKERS, SHARED, BURST = "workers", "shared", "burst"
+
 
 async def _hand_managed(
-    config: Neo4jConnectionConfig, concurrency: int, total: int
+    config: Neo4jConnectionConfig, concurrency: int, total: int, shape: str = WORKERS
 ) -> tuple[int, float]:
-    """One driver kept by hand for this loop: the best a careful user can do."""
-    async with neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs()) as driver:
-        await asyncio.gather(*(driver.execute_query("RETURN 1") for _ in range(concurrency)))
-        per_worker = total // concurrency
+    """Drivers kept by hand for this loop: the best a careful user can do."""
+    count = 1 if shape == SHARED else concurrency
+    if shape == BURST:
+        config = config.replace(max_connection_pool_size=1)
+    async with contextlib.AsyncExitStack() as stack:
+        drivers = [
+            await stack.enter_async_context(
+                neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+            )
+            for _ in range(count)
+        ]
+        await asyncio.gather(
+            *(drivers[i % count].execute_query("RETURN 1") for i in range(concurrency))
+        )
         done = 0
 
-        async def worker() -> None:
+        async def query(driver: neo4j.AsyncDriver) -> None:
             nonlocal done
-            for _ in range(per_worker):
-                records, _, _ = await driver.execute_query("RETURN 1 AS one")
-                done += records[0]["one"]
+            records, _, _ = await driver.execute_query("RETURN 1 AS one")
+            done += records[0]["one"]
+
+        async def worker(driver: neo4j.AsyncDriver) -> None:
+            for _ in range(total // concurrency):
+                await query(driver)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if shape == BURST:
+            await asyncio.gather(*(query(drivers[i % count]) for i in range(total)))
+        else:
+            await asyncio.gather(*(worker(drivers[i % count]) for i in range(concurrency)))
         return done, time.perf_counter() - started
 
 
-async def _through_broker(b: Broker, concurrency: int, total: int) -> tuple[int, float]:
+async def _through_broker(
+    b: Broker, concurrency: int, total: int, shape: str = WORKERS
+) -> tuple[int, float]:
     async def warm() -> None:
         async with b.borrow() as conn:
             await conn.driver.execute_query("RETURN 1")
 
     await asyncio.gather(*(warm() for _ in range(concurrency)))
-    per_worker = total // concurrency
     done = 0
+    gate = asyncio.Semaphore(concurrency)
+
+    async def query() -> None:
+        nonlocal done
+        async with b.borrow() as conn:
+            records, _, _ = await conn.driver.execute_query("RETURN 1 AS one")
+        done += records[0]["one"]
+
+    async def gated() -> None:
+        async with gate:
+            await query()
 
     async def worker() -> None:
-        nonlocal done
-        for _ in range(per_worker):
-            async with b.borrow() as conn:
-                records, _, _ = await conn.driver.execute_query("RETURN 1 AS one")
-            done += records[0]["one"]
+        for _ in range(total // concurrency):
+            await query()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if shape == BURST:
+        await asyncio.gather(*(gated() for _ in range(total)))
+    else:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done, time.perf_counter() - started
 
 
@@ -139,51 +179,87 @@ def _in_threads(threads: int, job: Callable[[], tuple[int, float]]) -> tuple[int
     return sum(n for n, _ in results), max(s for _, s in results)
 
 
+@dataclass
+class _Shape:
+    label: str
+    threads: int
+    concurrency: int
+    shape: str = WORKERS
+    target: float | None = 0.98
+
+
+def _compare(
+    result: Result,
+    network: Network,
+    case: _Shape,
+    total: int,
+    rounds: int,
+) -> None:
+    """One overhead case: hand-managed and brokered rounds interleaved, medians."""
+    threads, concurrency = case.threads, case.concurrency
+    total = total // threads // concurrency * concurrency
+    # As many drivers as borrowers: the same queries in flight on both sides.
+    config = network.config(pool_max_size=concurrency, pool_min_size=0)
+    hand: list[tuple[int, float]] = []
+    brokered: list[tuple[int, float]] = []
+    created = 0
+    for _ in range(rounds):
+        hand.append(
+            _in_threads(
+                threads, partial(_run, _hand_managed, config, concurrency, total, case.shape)
+            )
+        )
+        b = Broker(config)
+        brokered.append(
+            _in_threads(threads, partial(_run, _through_broker, b, concurrency, total, case.shape))
+        )
+        created += b.totals()["created"]
+        b.close()
+    expected = threads * total
+    for samples in (hand, brokered):
+        assert all(n == expected for n, _ in samples), (case, samples, expected)
+    hand_rate, broker_rate = median_rate(hand), median_rate(brokered)
+    label = f"{network.name}, {case.label}"
+    hand_drivers = threads * (1 if case.shape == SHARED else concurrency)
+    result.rows.append(
+        Row("overhead", f"{label}: by hand", hand_rate, "queries/s", expected, hand_drivers)
+    )
+    result.rows.append(
+        Row("overhead", f"{label}: broker", broker_rate, "queries/s", expected, created // rounds)
+    )
+    ratio = broker_rate / hand_rate
+    if case.target is None:
+        result.checks.append(Check(f"overhead, {label}", ratio, "(reported)", True))
+    else:
+        result.checks.append(
+            Check(f"overhead, {label}", ratio, f">= {case.target:g}", ratio >= case.target)
+        )
+
+
 def overhead(server: BoltServer, quick: bool) -> Result:
+    """Broker against drivers kept by hand, locally and over TLS plus latency."""
     result = Result()
     rounds = 2 if quick else 5
-    cases = [
-        ("1 loop, 1 borrower", 1, 1),
-        ("1 loop, 32 borrowers", 1, 32),
-        ("4 threads x 1 loop, 8 each", 4, 8),
+    size = 64 if quick else 1600
+    local_cases = [
+        _Shape("1 loop, 1 borrower", 1, 1, target=0.95),
+        _Shape("1 loop, 32 borrowers, 32 drivers each side", 1, 32),
+        _Shape("4 threads x 1 loop, 8 borrowers, 8 drivers each side", 4, 8, target=0.95),
+        # Why earlier measurements disagreed: the same load, shaped differently.
+        _Shape("1 loop, 32 borrowers; by hand 1 shared driver", 1, 32, SHARED, None),
+        _Shape(f"1 loop, {size} tasks at once, 32 in flight", 1, 32, BURST, None),
     ]
-    for label, threads, concurrency in cases:
-        total = (64 if quick else 1600) // threads // concurrency * concurrency
-        # As many drivers as borrowers: the same queries in flight on both sides.
-        config = base_config(server, pool_max_size=max(concurrency, 1), pool_min_size=0)
-        hand: list[tuple[int, float]] = []
-        brokered: list[tuple[int, float]] = []
-        created = 0
-        for _ in range(rounds):
-            hand.append(
-                _in_threads(threads, partial(_run, _hand_managed, config, concurrency, total))
-            )
-            b = Broker(config)
-            brokered.append(
-                _in_threads(threads, partial(_run, _through_broker, b, concurrency, total))
-            )
-            created += b.totals()["created"]
-            b.close()
-        expected = threads * total
-        for samples in (hand, brokered):
-            assert all(n == expected for n, _ in samples), (label, samples, expected)
-        hand_rate, broker_rate = median_rate(hand), median_rate(brokered)
-        result.rows.append(
-            Row("overhead", f"{label}: hand-managed driver", hand_rate, "queries/s", expected)
-        )
-        result.rows.append(
-            Row(
-                "overhead",
-                f"{label}: broker",
-                broker_rate,
-                "queries/s",
-                expected,
-                created // rounds,
-            )
-        )
-        ratio = broker_rate / hand_rate
-        result.checks.append(
-            Check(f"overhead, {label}: broker / hand-managed", ratio, ">= 0.95", ratio >= 0.95)
+    for case in local_cases:
+        _compare(result, local(server), case, size, rounds)
+    # Over the network, a query waits for round trips, so fewer do.
+    with tls(server) as network:
+        _compare(result, network, _Shape("1 loop, 1 borrower", 1, 1), size // 4, rounds)
+        _compare(
+            result,
+            network,
+            _Shape("1 loop, 32 borrowers, 32 drivers each side", 1, 32),
+            size,
+            rounds,
         )
     return result
 
@@ -196,10 +272,22 @@ async def _query_on(driver: neo4j.AsyncDriver) -> int:
     return int(records[0]["one"])
 
 
-def celery_reuse(server: BoltServer, quick: bool) -> Result:
-    result = Result()
-    threads, tasks = 4, (10 if quick else 500)
-    config = base_config(server, pool_min_size=0, pool_max_size=4)
+def _unchecked_driver(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+    """A driver whose ``verify_connectivity`` does nothing: what skipping the check saves."""
+    driver = default_driver_factory(config)
+
+    async def no_check(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    driver.verify_connectivity = no_check  # type: ignore[method-assign]
+    return driver
+
+
+def _celery_cases(
+    result: Result, network: Network, threads: int, tasks: int, rounds: int, skip_check: bool
+) -> dict[str, float]:
+    """The Celery-shaped cases on one network; returns tasks/s by case letter."""
+    config = network.config(pool_min_size=0, pool_max_size=4)
     made = 0
     lock = threading.Lock()
 
@@ -223,16 +311,13 @@ def celery_reuse(server: BoltServer, quick: bool) -> Result:
             done = sum(pool.map(lambda _: one(), range(threads * tasks)))
         return done, time.perf_counter() - started
 
-    cases: list[tuple[str, Callable[[], tuple[int, float, int]]]] = []
-
     def case_a() -> tuple[int, float, int]:
         nonlocal made
         made = 0
         done, seconds = run_tasks(lambda: asyncio.run(new_driver_task()))
         return done, seconds, made
 
-    def case_b() -> tuple[int, float, int]:
-        b = Broker(config)
+    def per_task_loop(b: Broker) -> tuple[int, float, int]:
         done, seconds = run_tasks(lambda: asyncio.run(brokered(b)()))
         created = b.totals()["created"]
         b.close()
@@ -246,27 +331,59 @@ def celery_reuse(server: BoltServer, quick: bool) -> Result:
         b.close()
         return done, seconds, created
 
-    cases = [
-        ("(a) asyncio.run per task, new driver per task", case_a),
-        ("(b) broker, asyncio.run per task", case_b),
-        ("(c) broker, broker.run: a persistent loop per thread", case_c),
+    cases: list[tuple[str, str, Callable[[], tuple[int, float, int]]]] = [
+        ("a", "asyncio.run per task, new driver per task", case_a),
+        ("b", "broker, asyncio.run per task", lambda: per_task_loop(Broker(config))),
     ]
-    samples: dict[str, list[tuple[int, float]]] = {label: [] for label, _ in cases}
+    if skip_check:
+        cases.append(
+            (
+                "b2",
+                "broker, asyncio.run per task, no verify_connectivity on creation",
+                lambda: per_task_loop(Broker(config, driver_factory=_unchecked_driver)),
+            )
+        )
+    cases.append(("c", "broker, broker.run: a persistent loop per thread", case_c))
+    samples: dict[str, list[tuple[int, float]]] = {key: [] for key, _, _ in cases}
     drivers: dict[str, int] = {}
-    for _ in range(1 if quick else 3):  # rounds, the cases interleaved
-        for label, case in cases:
+    for _ in range(rounds):  # the cases interleaved
+        for key, label, case in cases:
             done, seconds, made_now = case()
             assert done == threads * tasks, (label, done)
-            samples[label].append((done, seconds))
-            drivers[label] = made_now
-    rates = {label: median_rate(got) for label, got in samples.items()}
-    for label, _ in cases:
-        work = sum(n for n, _ in samples[label])
+            samples[key].append((done, seconds))
+            drivers[key] = made_now
+    rates = {key: median_rate(got) for key, got in samples.items()}
+    for key, label, _ in cases:
+        work = sum(n for n, _ in samples[key])
         result.rows.append(
-            Row("celery-shaped", label, rates[label], "tasks/s", work, drivers[label])
+            Row(
+                "celery-shaped",
+                f"{network.name}, ({key}) {label}",
+                rates[key],
+                "tasks/s",
+                work,
+                drivers[key],
+            )
         )
-    ratio = rates[cases[2][0]] / rates[cases[0][0]]
-    result.checks.append(Check("celery-shaped: (c) / (a)", ratio, ">= 3", ratio >= 3.0))
+    return rates
+
+
+def celery_reuse(server: BoltServer, quick: bool) -> Result:
+    """4 threads of one-query tasks: a loop (and a pool) per task, or one per thread."""
+    result = Result()
+    rounds = 1 if quick else 3
+    rates = _celery_cases(result, local(server), 4, 10 if quick else 500, rounds, False)
+    ratio = rates["c"] / rates["a"]
+    result.checks.append(Check("celery-shaped, local: (c) / (a)", ratio, ">= 3", ratio >= 3.0))
+    with tls(server) as network:
+        rates = _celery_cases(result, network, 4, 5 if quick else 100, rounds, True)
+    name = network.name
+    ratio = rates["c"] / rates["a"]
+    result.checks.append(Check(f"celery-shaped, {name}: (c) / (a)", ratio, ">= 10", ratio >= 10))
+    ratio = rates["b"] / rates["a"]
+    result.checks.append(Check(f"celery-shaped, {name}: (b) / (a)", ratio, ">= 1", ratio >= 1))
+    ratio = rates["b2"] / rates["a"]
+    result.checks.append(Check(f"celery-shaped, {name}: (b2) / (a)", ratio, "(reported)", True))
     return result
 
 
@@ -560,9 +677,17 @@ def many_loops(server: BoltServer, quick: bool) -> Result:
     return result
 
 
+def memory(server: BoltServer, quick: bool) -> Result:
+    """A loop's pool in memory: see ``benchmarks.memory`` (which uses this module)."""
+    from benchmarks.memory import memory as measure
+
+    return measure(server, quick)
+
+
 SCENARIOS: dict[str, Callable[[BoltServer, bool], Result]] = {
     "overhead": overhead,
     "celery": celery_reuse,
     "borrow": borrow_return,
     "loops": many_loops,
+    "memory": memory,
 }
