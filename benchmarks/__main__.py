@@ -1,6 +1,6 @@
 """``make bench``: every scenario side by side on one server, one table of ratios.
 
-Usage: ``python -m benchmarks [--quick] [--only overhead,celery,borrow,loops]``.
+Usage: ``python -m benchmarks [--quick] [--only overhead,celery,borrow,loops,memory]``.
 Writes ``benchmarks/results/latest.json`` and ``latest.csv`` too.
 """
 
@@ -75,8 +75,10 @@ def main() -> None:
     total = Result()
     try:
         for name in chosen:
-            print(f"running {name} ...", flush=True)
+            print(f"running {name} ...", end=" ", flush=True)
+            began = time.monotonic()
             part = SCENARIOS[name](server, args.quick)
+            print(f"{time.monotonic() - began:.0f} s", flush=True)
             total.rows += part.rows
             total.checks += part.checks
     finally:

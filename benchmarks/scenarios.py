@@ -82,7 +82,7 @@ WORKERS, SHARED, BURST = "workers", "shared", "burst"
 
 async def _hand_managed(
     config: Neo4jConnectionConfig, concurrency: int, total: int, shape: str = WORKERS
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     """Drivers kept by hand for this loop: the best a careful user can do."""
     count = 1 if shape == SHARED else concurrency
     if shape == BURST:
@@ -108,17 +108,17 @@ async def _hand_managed(
             for _ in range(total // concurrency):
                 await query(driver)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         if shape == BURST:
             await asyncio.gather(*(query(drivers[i % count]) for i in range(total)))
         else:
             await asyncio.gather(*(worker(drivers[i % count]) for i in range(concurrency)))
-        return done, time.perf_counter() - started
+        return done, time.perf_counter() - started, time.thread_time() - cpu
 
 
 async def _through_broker(
     b: Broker, concurrency: int, total: int, shape: str = WORKERS
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     async def warm() -> None:
         async with b.borrow() as conn:
             await conn.driver.execute_query("RETURN 1")
@@ -141,12 +141,12 @@ async def _through_broker(
         for _ in range(total // concurrency):
             await query()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     if shape == BURST:
         await asyncio.gather(*(gated() for _ in range(total)))
     else:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done, time.perf_counter() - started
+    return done, time.perf_counter() - started, time.thread_time() - cpu
 
 
 def _run(
@@ -160,25 +160,6 @@ def _pairs_with(kind: type[Broker], config: Neo4jConnectionConfig, *args: Any) -
     return asyncio.run(_pairs_broker(kind(config), *args))
 
 
-def _in_threads(threads: int, job: Callable[[], tuple[int, float]]) -> tuple[int, float]:
-    barrier = threading.Barrier(threads)
-    results: list[tuple[int, float]] = []
-    lock = threading.Lock()
-
-    def run() -> None:
-        barrier.wait()
-        outcome = job()
-        with lock:
-            results.append(outcome)
-
-    pool = [threading.Thread(target=run) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return sum(n for n, _ in results), max(s for _, s in results)
-
-
 @dataclass
 class _Shape:
     label: str
@@ -188,6 +169,36 @@ class _Shape:
     target: float | None = 0.98
 
 
+def _loops_in_threads(
+    threads: int, job: Callable[..., Coroutine[Any, Any, tuple[int, float, float]]], *args: Any
+) -> tuple[int, float, float]:
+    """``job`` in a new loop on each of ``threads`` threads, started together.
+
+    Returns the work done, the slowest thread's seconds, and the CPU seconds
+    the threads spent (the process's own cost, whatever else the machine runs).
+    """
+    barrier = threading.Barrier(threads)
+    results: list[tuple[int, float, float]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait()
+        outcome = asyncio.run(job(*args))
+        with lock:
+            results.append(outcome)
+
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return (
+        sum(n for n, _, _ in results),
+        max(s for _, s, _ in results),
+        sum(c for _, _, c in results),
+    )
+
+
 def _compare(
     result: Result,
     network: Network,
@@ -195,38 +206,45 @@ def _compare(
     total: int,
     rounds: int,
 ) -> None:
-    """One overhead case: hand-managed and brokered rounds interleaved, medians."""
+    """One overhead case: hand-managed and brokered rounds interleaved, medians.
+
+    Besides queries per second, the CPU time this process spends per query
+    on each side: its ratio is what throughput comes to when this process's
+    CPU is the bottleneck, and it moves far less than wall time on a busy
+    machine.
+    """
     threads, concurrency = case.threads, case.concurrency
     total = total // threads // concurrency * concurrency
     # As many drivers as borrowers: the same queries in flight on both sides.
     config = network.config(pool_max_size=concurrency, pool_min_size=0)
-    hand: list[tuple[int, float]] = []
-    brokered: list[tuple[int, float]] = []
+    hand: list[tuple[int, float, float]] = []
+    brokered: list[tuple[int, float, float]] = []
     created = 0
     for _ in range(rounds):
         hand.append(
-            _in_threads(
-                threads, partial(_run, _hand_managed, config, concurrency, total, case.shape)
-            )
+            _loops_in_threads(threads, _hand_managed, config, concurrency, total, case.shape)
         )
         b = Broker(config)
         brokered.append(
-            _in_threads(threads, partial(_run, _through_broker, b, concurrency, total, case.shape))
+            _loops_in_threads(threads, _through_broker, b, concurrency, total, case.shape)
         )
         created += b.totals()["created"]
         b.close()
     expected = threads * total
     for samples in (hand, brokered):
-        assert all(n == expected for n, _ in samples), (case, samples, expected)
-    hand_rate, broker_rate = median_rate(hand), median_rate(brokered)
+        assert all(n == expected for n, _, _ in samples), (case, samples, expected)
+    hand_rate = median_rate([(n, s) for n, s, _ in hand])
+    broker_rate = median_rate([(n, s) for n, s, _ in brokered])
+    hand_cpu = statistics.median(c / n for n, _, c in hand) * 1e6
+    broker_cpu = statistics.median(c / n for n, _, c in brokered) * 1e6
     label = f"{network.name}, {case.label}"
     hand_drivers = threads * (1 if case.shape == SHARED else concurrency)
-    result.rows.append(
-        Row("overhead", f"{label}: by hand", hand_rate, "queries/s", expected, hand_drivers)
-    )
-    result.rows.append(
-        Row("overhead", f"{label}: broker", broker_rate, "queries/s", expected, created // rounds)
-    )
+    result.rows += [
+        Row("overhead", f"{label}: by hand", hand_rate, "queries/s", expected, hand_drivers),
+        Row("overhead", f"{label}: broker", broker_rate, "queries/s", expected, created // rounds),
+        Row("overhead", f"{label}: by hand, CPU", hand_cpu, "µs/query", expected, hand_drivers),
+        Row("overhead", f"{label}: broker, CPU", broker_cpu, "µs/query", expected),
+    ]
     ratio = broker_rate / hand_rate
     if case.target is None:
         result.checks.append(Check(f"overhead, {label}", ratio, "(reported)", True))
@@ -234,6 +252,10 @@ def _compare(
         result.checks.append(
             Check(f"overhead, {label}", ratio, f">= {case.target:g}", ratio >= case.target)
         )
+    cpu_ratio = hand_cpu / broker_cpu
+    result.checks.append(
+        Check(f"overhead, {label}, CPU-bound: by hand / broker CPU", cpu_ratio, "(reported)", True)
+    )
 
 
 def overhead(server: BoltServer, quick: bool) -> Result:
@@ -253,7 +275,7 @@ def overhead(server: BoltServer, quick: bool) -> Result:
         _compare(result, local(server), case, size, rounds)
     # Over the network, a query waits for round trips, so fewer do.
     with tls(server) as network:
-        _compare(result, network, _Shape("1 loop, 1 borrower", 1, 1), size // 4, rounds)
+        _compare(result, network, _Shape("1 loop, 1 borrower", 1, 1), size // 8, rounds)
         _compare(
             result,
             network,
@@ -368,16 +390,49 @@ def _celery_cases(
     return rates
 
 
+async def _connect_costs(config: Neo4jConnectionConfig, samples: int) -> dict[str, float]:
+    """Milliseconds, medians: a query on a warm driver, and what a new driver adds."""
+    kwargs = config.driver_kwargs()
+    times: dict[str, list[float]] = {"query": [], "new": [], "verify": [], "verified": []}
+    async with neo4j.AsyncGraphDatabase.driver(config.uri, **kwargs) as warm:
+        await _query_on(warm)
+        for _ in range(samples):
+            started = time.perf_counter()
+            await _query_on(warm)
+            times["query"].append(time.perf_counter() - started)
+    for _ in range(samples):
+        started = time.perf_counter()
+        async with neo4j.AsyncGraphDatabase.driver(config.uri, **kwargs) as driver:
+            await _query_on(driver)
+            times["new"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        async with neo4j.AsyncGraphDatabase.driver(config.uri, **kwargs) as driver:
+            await driver.verify_connectivity()
+            times["verify"].append(time.perf_counter() - started)
+            await _query_on(driver)
+            times["verified"].append(time.perf_counter() - started)
+    return {key: statistics.median(got) * 1000 for key, got in times.items()}
+
+
 def celery_reuse(server: BoltServer, quick: bool) -> Result:
     """4 threads of one-query tasks: a loop (and a pool) per task, or one per thread."""
     result = Result()
     rounds = 1 if quick else 3
-    rates = _celery_cases(result, local(server), 4, 10 if quick else 500, rounds, False)
+    rates = _celery_cases(result, local(server), 4, 10 if quick else 300, rounds, False)
     ratio = rates["c"] / rates["a"]
     result.checks.append(Check("celery-shaped, local: (c) / (a)", ratio, ">= 3", ratio >= 3.0))
     with tls(server) as network:
-        rates = _celery_cases(result, network, 4, 5 if quick else 100, rounds, True)
+        rates = _celery_cases(result, network, 4, 5 if quick else 60, rounds, True)
+        costs = asyncio.run(_connect_costs(network.config(), 3 if quick else 20))
     name = network.name
+    samples = 3 if quick else 20
+    for key, label in (
+        ("query", "one query on a warm driver"),
+        ("new", "a new driver and its first query"),
+        ("verify", "a new driver's verify_connectivity"),
+        ("verified", "a new driver, verify_connectivity, then the query"),
+    ):
+        result.rows.append(Row("connect cost", f"{name}: {label}", costs[key], "ms", samples))
     ratio = rates["c"] / rates["a"]
     result.checks.append(Check(f"celery-shaped, {name}: (c) / (a)", ratio, ">= 10", ratio >= 10))
     ratio = rates["b"] / rates["a"]
