@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -69,6 +70,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
 
+    load_before = os.getloadavg()[0]
     external = server_from_env()
     server = external or EmbeddedServer(heap="1g").start()
     started = time.monotonic()
@@ -92,11 +94,13 @@ def main() -> None:
             {
                 "python": platform.python_version(),
                 "machine": platform.machine(),
-                "cpus": __import__("os").cpu_count(),
+                "cpus": os.cpu_count(),
                 "neo4j driver": neo4j.__version__,
                 "janus": janus.__version__,
                 "server": "external" if external else "embedded ArcadeDB",
                 "seconds": round(seconds),
+                # Other work on the machine: 1-minute load average at start and end.
+                "load average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "scenarios": chosen,
             },
         )

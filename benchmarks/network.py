@@ -47,10 +47,18 @@ def local(server: BoltServer) -> Network:
     return Network("local", server.uri, server.auth)
 
 
+def can_front(server: BoltServer) -> bool:
+    """Whether a TLS front can go in front of ``server`` (a plain ``bolt://`` one).
+
+    A server given by ``NEO4J_URI`` with another scheme is measured as it is.
+    """
+    return server.uri.startswith("bolt://")
+
+
 @contextlib.contextmanager
 def tls(server: BoltServer, latency: float = LATENCY) -> Iterator[Network]:
     """TLS and ``latency`` seconds each way, for as long as the block runs."""
-    if not server.uri.startswith("bolt://"):
+    if not can_front(server):
         raise RuntimeError(f"the TLS front needs a plain bolt:// server, not {server.uri}")
     with TlsFront.for_uri(server.uri, latency=latency, in_process=False) as front:
         name = f"TLS +{latency * 1000:g} ms"
