@@ -261,7 +261,7 @@ def _compare(
 def overhead(server: BoltServer, quick: bool) -> Result:
     """Broker against drivers kept by hand, locally and over TLS plus latency."""
     result = Result()
-    rounds = 2 if quick else 5
+    rounds = 1 if quick else 5
     size = 64 if quick else 1600
     local_cases = [
         _Shape("1 loop, 1 borrower", 1, 1, target=0.95),

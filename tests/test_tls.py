@@ -140,7 +140,8 @@ async def test_the_front_leaves_nothing_behind(bolt_server: BoltServer) -> None:
         pytest.skip("the TLS front goes in front of a plain bolt:// server")
     for in_process in (True, False):
         tls = TlsFront.for_uri(bolt_server.uri, in_process=in_process).start()
-        folder, port = tls.ca_file.parent, tls.port
+        folder, port, pid = tls.ca_file.parent, tls.port, tls.pid
+        assert (pid is None) == in_process
         config = Neo4jConnectionConfig(
             uri=tls.uri("bolt+ssc"),
             username=bolt_server.auth[0],
@@ -155,6 +156,9 @@ async def test_the_front_leaves_nothing_behind(bolt_server: BoltServer) -> None:
             await b.aclose()
             tls.stop()
         assert not folder.exists()
+        if pid is not None:  # the front's process has ended and was reaped
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
         assert open_connections(port) == 0
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -148,6 +148,11 @@ class TlsFront:
         return {"SSL_CERT_FILE": str(self.ca_file)}
 
     @property
+    def pid(self) -> int | None:
+        """The id of the front's own process, when it runs in one."""
+        return None if self._child is None else self._child.pid
+
+    @property
     def accepted(self) -> int:
         """Connections accepted so far (by a front in this process)."""
         if self._proxy is None:
