@@ -228,8 +228,7 @@ class FaultProxy:
         while True:
             data = await reader.read(_CHUNK)
             if not data:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
+                _end_stream(writer)
                 return
             if delay[0] > 0:
                 await asyncio.sleep(delay[0])
@@ -259,8 +258,7 @@ class FaultProxy:
                     if wait > 0:
                         await asyncio.sleep(wait)
                     if not data:
-                        with contextlib.suppress(OSError):
-                            writer.write_eof()
+                        _end_stream(writer)
                         return
                     await self._flowing.wait()
                     if link not in self._links:
@@ -286,6 +284,13 @@ class FaultProxy:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sender
+
+
+def _end_stream(writer: asyncio.StreamWriter) -> None:
+    """Pass an end of stream on; a TLS stream cannot half-close, so it stays open."""
+    if writer.can_write_eof():
+        with contextlib.suppress(OSError):
+            writer.write_eof()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
