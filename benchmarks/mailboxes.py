@@ -1,21 +1,73 @@
-"""The same actor with other mailboxes, for comparison only.
+"""Reference actors and the broker's actor with other mailboxes, for comparison only.
 
+- :func:`minimal_pairs`: the least any actor can do, as a reference: a task
+  on an ``asyncio.Queue`` that hands out and takes back drivers, with no
+  timeouts, counters, logging, checks or thread-safe side.
 - :class:`QueueMailboxActor`: an ``asyncio.Queue`` mailbox (no thread-safe
   side at all: the best a loop-only design could do).
 - :class:`JanusGetActor`: the janus mailbox, with the actor parked in
   ``async_q.get()`` (janus wakes it through its notifier task every time).
 
-Both keep the actor's message handling unchanged; only receiving differs.
+The last two keep the actor's message handling unchanged; only receiving differs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from typing import Any
 
 from broker import Broker
 from broker.actor import Actor
 from broker.messages import Message
+
+_BORROW, _RETURN, _STOP = 0, 1, 2
+
+
+async def _minimal_actor(mailbox: asyncio.Queue[tuple[int, Any]], idle: list[Any]) -> None:
+    waiting: deque[asyncio.Future[Any]] = deque()
+    get = mailbox.get
+    while True:
+        kind, item = await get()
+        if kind == _BORROW:
+            if idle:
+                item.set_result(idle.pop())
+            else:
+                waiting.append(item)
+        elif kind == _RETURN:
+            if waiting:
+                waiting.popleft().set_result(item)
+            else:
+                idle.append(item)
+        else:
+            return
+
+
+async def minimal_pairs(drivers: list[Any], concurrency: int, total: int) -> tuple[int, float]:
+    """Borrow+release pairs through the minimal actor: (pairs done, seconds)."""
+    loop = asyncio.get_running_loop()
+    mailbox: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    actor = loop.create_task(_minimal_actor(mailbox, list(drivers)))
+    put = mailbox.put_nowait
+    per_worker = total // concurrency
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for _ in range(per_worker):
+            waiter: asyncio.Future[Any] = loop.create_future()
+            put((_BORROW, waiter))
+            driver = await waiter
+            put((_RETURN, driver))
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    put((_STOP, None))
+    await actor
+    return done, seconds
 
 
 class QueueMailboxActor(Actor):

@@ -1,7 +1,10 @@
 """Where a borrow goes: cProfile over borrow/release pairs and over loops that
 start and stop an actor. No server needed (drivers that do no I/O).
 
-Usage: ``python -m benchmarks.profile [pairs|loops] [--top N]``.
+Usage: ``python -m benchmarks.profile [pairs|minimal|loops] [--borrowers N] [--top N]``.
+``pairs`` also times the minimal actor (:func:`benchmarks.mailboxes.minimal_pairs`)
+in the same run, rounds interleaved, and prints the ratio; ``minimal`` profiles
+that reference itself.
 """
 
 from __future__ import annotations
@@ -10,29 +13,46 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import statistics
 import time
 
+from benchmarks.mailboxes import minimal_pairs
 from benchmarks.scenarios import _NoIODriver
 from broker import Broker, Neo4jConnectionConfig
 
-CONFIG = Neo4jConnectionConfig(uri="bolt://unused.invalid:7687", pool_max_size=1, pool_min_size=0)
+SIZE = 10
+CONFIG = Neo4jConnectionConfig(
+    uri="bolt://unused.invalid:7687", pool_max_size=SIZE, pool_min_size=0
+)
+PAIRS = 20000
 
 
 def make_broker() -> Broker:
     return Broker(CONFIG, driver_factory=lambda _: _NoIODriver())  # type: ignore[arg-type,return-value]
 
 
-async def pairs(count: int) -> float:
+async def pairs(count: int, borrowers: int = 1) -> float:
     b = make_broker()
-    conn = await b.borrow()
-    await conn.release()
-    started = time.perf_counter()
-    for _ in range(count):
-        conn = await b.borrow()
+    held = [await b.borrow() for _ in range(SIZE)]  # the pool is full and warm
+    for conn in held:
         await conn.release()
+    per_worker = count // borrowers
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            conn = await b.borrow()
+            await conn.release()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(borrowers)))
     seconds = time.perf_counter() - started
     await b.aclose()
-    return seconds / count * 1e6
+    return seconds / (per_worker * borrowers) * 1e6
+
+
+async def minimal(count: int, borrowers: int = 1) -> float:
+    done, seconds = await minimal_pairs(list(range(SIZE)), borrowers, count)
+    return seconds / done * 1e6
 
 
 def loops(count: int) -> float:
@@ -51,13 +71,26 @@ def loops(count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["pairs", "loops"], nargs="?", default="pairs")
+    parser.add_argument("what", choices=["pairs", "minimal", "loops"], nargs="?", default="pairs")
+    parser.add_argument("--borrowers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
     profiler = cProfile.Profile()
-    if args.what == "pairs":
-        print(f"{asyncio.run(pairs(20000)):.1f} µs per pair without the profiler")
-        profiler.runcall(asyncio.run, pairs(20000))
+    if args.what in ("pairs", "minimal"):
+        broker_us: list[float] = []
+        minimal_us: list[float] = []
+        for _ in range(args.rounds):
+            broker_us.append(asyncio.run(pairs(PAIRS, args.borrowers)))
+            minimal_us.append(asyncio.run(minimal(PAIRS, args.borrowers)))
+        ours, reference = statistics.median(broker_us), statistics.median(minimal_us)
+        print(
+            f"{args.borrowers} borrower(s), medians of {args.rounds} rounds without the profiler: "
+            f"broker {ours:.2f} µs/pair, minimal actor {reference:.2f} µs/pair, "
+            f"ratio {ours / reference:.2f}"
+        )
+        job = pairs if args.what == "pairs" else minimal
+        profiler.runcall(asyncio.run, job(PAIRS, args.borrowers))
     else:
         print(f"{loops(2000):.1f} µs per loop without the profiler")
         profiler.runcall(loops, 2000)
