@@ -7,10 +7,13 @@ side. The actor never waits on I/O itself: creating, checking and closing a
 driver are jobs (tasks of their own) that report back with a message.
 
 The actor drains its mailbox in batches and, when it is empty, parks on a
-future of its own loop. Senders in the loop wake it by setting that future;
-senders in other threads schedule the same wake-up with
-``call_soon_threadsafe``. So the common borrow and return never pay for
-janus's cross-thread notifier task.
+future of its own loop. Senders in other threads wake it with
+``call_soon_threadsafe``. A sender in the loop itself, finding the actor
+parked, drains the mailbox on the spot, in the actor's place and context:
+the message still goes through the mailbox, in order, and the pool is still
+changed only on the loop's thread, one message at a time. So a borrow that
+finds an idle driver, and every return, are served without a trip through
+the loop (and never pay for janus's cross-thread notifier task).
 
 The actor's maintenance timer is scheduled on its loop, so the loop holds
 the actor (and the actor its loop) and nothing else needs to: the process
@@ -96,6 +99,10 @@ class Actor:
         self._mailbox_lock = self._mailbox._sync_mutex
         self._bell: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # The actor's own context: a drain on a sender's stack runs in it too.
+        self._context = contextvars.Context()
+        # False only while the actor is parked and nobody drains in its place.
+        self._busy = True
         self._timer: asyncio.TimerHandle | None = None
         # Tasks that report to nobody (see _detach).
         self._detached: set[asyncio.Task[None]] = set()
@@ -116,7 +123,7 @@ class Actor:
         # A context of its own: the borrower that happened to start the actor
         # must not lend its context variables (a task id) to every later log line.
         self._task = self.loop.create_task(
-            self._run(), name=f"broker-actor {self.key}", context=contextvars.Context()
+            self._run(), name=f"broker-actor {self.key}", context=self._context
         )
         end_with_loop(self._task)  # even if the loop is already ending (asyncio.run's teardown)
         self._arm_timer()
@@ -162,23 +169,38 @@ class Actor:
                 return
             bell = self.loop.create_future()
             self._bell = bell
+            self._busy = False  # a sender in this loop may now drain in our place
             try:
                 await bell
             finally:
+                self._busy = True
                 self._bell = None
 
     def _drain(self) -> None:
-        get = self._inbox.get_nowait
-        while True:
-            try:
-                message = get()
-            except asyncio.QueueEmpty:
-                return
+        inbox = self._inbox
+        get, waiting = inbox.get_nowait, inbox.qsize  # only this loop takes mail out
+        while waiting():
+            message = get()
             try:
                 self._handle(message)
             except Exception as exc:  # a bug must not take the whole loop's pool down
                 name = type(message).__name__
                 self.emit(log.ERROR, "actor.error", error=repr(exc), message=name)
+
+    def _drain_here(self) -> None:
+        """Handle the mail now, on a sender's stack, while the actor is parked."""
+        self._busy = True
+        try:
+            self._context.run(self._drain)
+        except RuntimeError:
+            # The actor's context is entered: a finalizer runs inside the
+            # actor's own step, just before it parks. It drains on waking.
+            self._ring()
+            return
+        finally:
+            self._busy = False
+        if self.pool.stopping is not None:
+            self._ring()  # the actor itself decides when it has stopped
 
     # -- messages --------------------------------------------------------------
 
@@ -415,19 +437,25 @@ class Actor:
         return self.post_threadsafe(message)
 
     def post(self, message: Message) -> bool:
-        """Deliver a message from this loop's own thread. False once the actor has stopped."""
+        """Deliver a message from this loop's own thread. False once the actor has stopped.
+
+        If the actor is parked, the mailbox is drained at once, here (see the
+        module's docstring); otherwise the actor reads it on its next wake-up.
+        """
         if self._mailbox_busy():
             return self.post_soon(message)
-        return self._put(message)
-
-    def _put(self, message: Message) -> bool:
         try:
-            self._inbox.put_nowait(message)
+            self._inbox.put_nowait(message)  # raises unless called in the running loop
         except janus.AsyncQueueShutDown:
             return False
         bell = self._bell
         if bell is not None and not bell.done():
-            bell.set_result(None)
+            if self._busy:
+                # Inside a drain: a callback, a log processor or an eager task
+                # run by a message's handling. The drain reads this one too.
+                bell.set_result(None)
+            else:
+                self._drain_here()
         return True
 
     def post_threadsafe(self, message: Message) -> bool:
@@ -548,6 +576,18 @@ class Actor:
     def snapshot(self) -> dict[str, Any]:
         """The pool's counters (read it in the loop's thread for a consistent view)."""
         return self.pool.snapshot(time.monotonic())
+
+    def pop_stats_here(self, now: float) -> dict[str, Any]:
+        """The pool's ``pop_stats()``, on the loop's thread but outside the actor.
+
+        No drain may run in the middle of it (one started by a finalizer
+        that gives a driver back, say): mail posted meanwhile waits for the actor.
+        """
+        busy, self._busy = self._busy, True
+        try:
+            return self.pool.pop_stats(now)
+        finally:
+            self._busy = busy
 
     def log_fields(self) -> dict[str, Any]:
         """The loop key, thread name and pool counters every event carries."""

@@ -328,7 +328,9 @@ class Broker:
             if answer is None:
                 # Our own loop (blocked by this call) or a loop that is not
                 # running: nothing else touches its pool now.
-                entry = actor.pool.pop_stats(now)
+                entry = (
+                    actor.pop_stats_here(now) if actor.loop is here else actor.pool.pop_stats(now)
+                )
                 entry["responsive"] = True
             elif answer.cancel():
                 entry = actor.pool.peek_stats(now)  # it never started: nothing was reset

@@ -499,6 +499,8 @@ class Pool:
     def dispatch(self, now: float) -> None:
         """Hand idle drivers to waiters in order, and grow for those left."""
         waiters, idle = self.waiters, self.idle
+        if not waiters:
+            return
         interval = self.config.health_check_interval
         while waiters and idle:
             borrow = waiters[0]

@@ -159,10 +159,11 @@ async def test_driver_handed_to_a_just_cancelled_waiter_goes_back(make_broker: M
     driver = held.driver
     waiter = asyncio.create_task(b.borrow().__aenter__())
     await eventually(lambda: b._registry.actors()[0].snapshot()["waiting"] == 1)
-    # The release wakes the actor first; the cancel is queued right behind it,
-    # so the actor hands the driver over before the waiter learns it is cancelled.
+    # The actor is parked, so the release is handled at once: the driver is
+    # handed over before the waiter runs again and learns it is cancelled.
     await held.release()
-    asyncio.get_running_loop().call_soon(waiter.cancel)
+    assert b._registry.actors()[0].snapshot()["waiting"] == 0, "handed over already"
+    waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await eventually(lambda: b._registry.actors()[0].snapshot()["in_use"] == 0)
