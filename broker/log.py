@@ -92,6 +92,31 @@ _fallback = structlog.wrap_logger(
     wrapper_class=structlog.stdlib.BoundLogger,
 )
 
+# structlog's live configuration: configure() and reset_defaults() replace its
+# attributes, so comparing their identities tells when a cached logger is stale
+# without building get_config()'s dict on every check. get_config() is the
+# fallback should a structlog release rename it.
+_live_config: Any = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
+
+
+def _config_parts() -> tuple[Any, Any, Any, Any]:
+    live = _live_config
+    if live is not None:
+        return (
+            live.default_processors,
+            live.default_wrapper_class,
+            live.logger_factory,
+            live.default_context_class,
+        )
+    config = structlog.get_config()
+    return (
+        config["processors"],
+        config["wrapper_class"],
+        config["logger_factory"],
+        config["context_class"],
+    )
+
+
 # The application's structlog logger for the broker, bound once per
 # configuration: the configuration's objects (held, so that their identities
 # stay unique), the logger and its level check.
@@ -101,32 +126,30 @@ _bound: tuple[Any, Any, Any, Any, Any, Any] | None = None
 def _configured() -> tuple[Any, Any]:
     """The bound logger of the current structlog configuration, and its level check."""
     global _bound
-    config = structlog.get_config()
     cached = _bound
+    live = _live_config
     if (
         cached is not None
-        and cached[0] is config["processors"]
-        and cached[1] is config["wrapper_class"]
-        and cached[2] is config["logger_factory"]
-        and cached[3] is config["context_class"]
+        and live is not None
+        and cached[0] is live.default_processors
+        and cached[1] is live.default_wrapper_class
+        and cached[2] is live.logger_factory
+        and cached[3] is live.default_context_class
     ):
+        return cached[4], cached[5]
+    parts = _config_parts()
+    if cached is not None and all(a is b for a, b in zip(cached[:4], parts, strict=True)):
         return cached[4], cached[5]
     logger = structlog.get_logger(LOGGER_NAME).bind()
     check = getattr(logger, "is_enabled_for", None) or getattr(logger, "isEnabledFor", None)
-    _bound = (
-        config["processors"],
-        config["wrapper_class"],
-        config["logger_factory"],
-        config["context_class"],
-        logger,
-        check,
-    )
+    _bound = (*parts, logger, check)
     return logger, check
 
 
 def enabled(level: int) -> bool:
     """Whether an event at ``level`` would go anywhere (cheap; call before building one)."""
-    if not structlog.is_configured():
+    live = _live_config
+    if not (live.is_configured if live is not None else structlog.is_configured()):
         return _stdlib_logger.isEnabledFor(level)
     try:
         _, check = _configured()
