@@ -209,7 +209,8 @@ class Actor:
         match message:
             case Borrow():
                 pool.borrow(message, time.monotonic())
-                self._arm_expiry(message)
+                if not message.waiter.done():  # served at once: no timer at all
+                    self._arm_expiry(message)
             case Return():
                 pool.returned(message.driver, message.broken, time.monotonic())
             case Withdraw():
@@ -442,8 +443,10 @@ class Actor:
         If the actor is parked, the mailbox is drained at once, here (see the
         module's docstring); otherwise the actor reads it on its next wake-up.
         """
-        if self._mailbox_busy():
+        lock = self._mailbox_lock  # as _mailbox_busy(), inline: this is every borrow's path
+        if not lock.acquire(blocking=False):
             return self.post_soon(message)
+        lock.release()
         try:
             self._inbox.put_nowait(message)  # raises unless called in the running loop
         except janus.AsyncQueueShutDown:

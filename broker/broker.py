@@ -63,6 +63,8 @@ class Broker:
         self.config = config if config is not None else Neo4jConnectionConfig.from_env()
         self._factory = driver_factory or default_driver_factory
         self._registry = LoopRegistry()
+        # Each thread's last actor, weakly: a borrow's lookup without the registry.
+        self._last_actor = threading.local()
         self._prepared: dict[str, str] = {}
         self._retired = dict.fromkeys(COUNTERS, 0.0)
         self._retired_histograms = _new_histograms()
@@ -108,15 +110,20 @@ class Broker:
         await connection.release()
 
     def _actor_for(self, loop: asyncio.AbstractEventLoop) -> Actor:
-        actor = self._registry.get(loop)
-        if actor is not None:
+        last: weakref.ref[Actor] | None = getattr(self._last_actor, "ref", None)
+        actor = last() if last is not None else None
+        if actor is not None and actor.loop is loop and not actor.finished:
             return actor
-        try:
-            return self._registry.start(loop, self._new_actor)
-        except BrokerClosed:
-            if not self.closed:
-                raise  # this loop is ending, the broker is not closed
-            raise BrokerClosed(f"this broker is closed; {self._closed_hint}") from None
+        actor = self._registry.get(loop)
+        if actor is None:
+            try:
+                actor = self._registry.start(loop, self._new_actor)
+            except BrokerClosed:
+                if not self.closed:
+                    raise  # this loop is ending, the broker is not closed
+                raise BrokerClosed(f"this broker is closed; {self._closed_hint}") from None
+        self._last_actor.ref = weakref.ref(actor)
+        return actor
 
     def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
         with self._settings_lock:
@@ -451,6 +458,7 @@ class Broker:
         # The parent's loops, drivers and sockets are not ours to use or close
         # (nor to let the collector close), and its counters are not this process's.
         actors = self._registry.forget_all()
+        self._last_actor = threading.local()
         inherited.keep(actors)
         inherited.detach(actor.loop for actor in actors)
         self._retired_lock = threading.Lock()

@@ -159,42 +159,41 @@ class Connection:
             raise BrokerError("this handle has already borrowed once; call borrow() again")
         self._state = _BORROWING
         try:
-            return await self._borrow()
+            # One coroutine for the claim and the borrow: this is every borrow's path.
+            broker = self._broker
+            loop = asyncio._get_running_loop()
+            if loop is None:
+                raise BrokerError(_SYNC_MISUSE)
+            actor = broker._actor_for(loop)
+            timeout = broker.config.borrow_timeout if self._timeout is None else self._timeout
+            waiter: asyncio.Future[PooledDriver] = loop.create_future()
+            task = asyncio.current_task(loop)
+            request = Borrow(waiter, timeout, task, contextvars.copy_context())
+            started = time.monotonic()
+            if not actor.post(request):
+                raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
+            try:
+                pooled = await waiter
+            except BaseException:
+                # Also a GeneratorExit from the collector closing this coroutine:
+                # posting never waits on a lock (Actor.post).
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # Handed to us just as we were cancelled: give it straight back.
+                    actor.post(Return(waiter.result()))
+                elif waiter.cancelled():
+                    actor.post(Withdraw(request))
+                raise
         except BaseException:
             if self._state is _BORROWING:  # nothing borrowed: the handle may try again
                 self._state = _NEW
                 self._borrow_claim.release()
-            raise
-
-    async def _borrow(self) -> Self:
-        broker = self._broker
-        loop = asyncio._get_running_loop()
-        if loop is None:
-            raise BrokerError(_SYNC_MISUSE)
-        actor = broker._actor_for(loop)
-        timeout = broker.config.borrow_timeout if self._timeout is None else self._timeout
-        waiter: asyncio.Future[PooledDriver] = loop.create_future()
-        request = Borrow(waiter, timeout, asyncio.current_task(), contextvars.copy_context())
-        started = time.monotonic()
-        if not actor.post(request):
-            raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
-        try:
-            pooled = await waiter
-        except BaseException:
-            # Also a GeneratorExit from the collector closing this coroutine:
-            # posting never waits on a lock (Actor.post).
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed to us just as we were cancelled: give it straight back.
-                actor.post(Return(waiter.result()))
-            elif waiter.cancelled():
-                actor.post(Withdraw(request))
             raise
         now = time.monotonic()
         self._actor = actor
         self._pooled = pooled
         self._borrowed_at = now
         self._state = _HELD
-        if log.debug_enabled():
+        if log.enabled(log.DEBUG):
             log.emit(
                 log.DEBUG,
                 "borrow",
@@ -263,7 +262,7 @@ class Connection:
         assert pooled is not None and actor is not None
         self._pooled = None
         delivered = actor.send(Return(pooled, self._broken))
-        if log.debug_enabled():
+        if log.enabled(log.DEBUG):
             log.emit(
                 log.DEBUG,
                 "return",

@@ -218,6 +218,14 @@ class Pool:
             self._effects.emit(log.INFO, "borrow.rejected", max_waiting=limit)
             return
         borrow.queued_at = now
+        idle = self.idle
+        if not waiters and idle and borrow.pending():
+            # Nobody ahead and a driver idle: what dispatch() would do, directly.
+            pooled = idle[-1]
+            if not pooled.needs_check(now, self.config.health_check_interval):
+                idle.pop()
+                self._give(pooled, borrow, now)
+                return
         waiters.append(borrow)
         self.dispatch(now)
         if borrow.pending():
@@ -282,13 +290,15 @@ class Pool:
         if broken:
             self.returns_bad += 1
         reason = self._retire_reason(pooled, now)
+        hook = self.config.on_return is not None
         if reason is not None:
             self._close(pooled, reason)
-        elif broken or self.config.on_return is not None:
-            self._check(pooled, hook=self.config.on_return is not None, verify=broken)
+        elif broken or hook:
+            self._check(pooled, hook=hook, verify=broken)
         else:
             self.idle.append(pooled)
-        self.dispatch(now)
+        if self.waiters:
+            self.dispatch(now)
 
     # -- what the broker asks of every pool ------------------------------------
 
