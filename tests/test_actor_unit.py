@@ -9,11 +9,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import logging
 import threading
 from typing import Any
 
 import neo4j.exceptions
 import pytest
+import structlog
 
 from broker import BorrowTimeout, Broker, BrokerClosed
 from broker.broker import _set_once
@@ -252,3 +254,79 @@ async def test_mail_deferred_past_the_actor_end_is_still_answered(kind: str) -> 
         assert actor.post_soon(StatsRequest(functools.partial(_set_once, asked)))
         answer = await asyncio.wait_for(asyncio.wrap_future(asked), 2)
         assert answer["state"] == "stopped"
+
+
+# -- mail handled by a sender in the actor's place ---------------------------------
+
+
+async def test_mail_posted_while_mail_is_handled_waits_its_turn() -> None:
+    """A return posted from inside a message's handling (here a log processor,
+    as a callback or an eager task would) is handled after that message, never
+    in the middle of it."""
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_min_size=0, pool_max_size=2), driver_factory=plan)
+    held = await b.borrow()
+    errors: list[dict[str, Any]] = []
+
+    def release_on_second_driver(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"] == "driver.created" and len(plan.made) == 2:
+            held.release_sync()  # the Created report is still being handled
+        if event["event"] == "actor.error":
+            errors.append(event)
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[release_on_second_driver],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    second = await asyncio.wait_for(b.borrow(), 5)
+    # Handled in order: the new driver goes to the waiting borrower, then the return.
+    assert second.driver is plan.made[1]
+    await eventually(lambda: snapshot(b)["available"] == 1)
+    stats = snapshot(b)
+    assert stats["in_use"] == 1 and stats["total"] == 2 and errors == []
+    await second.release()
+    await b.aclose()
+
+
+async def test_a_return_during_a_pop_of_the_stats_waits_for_the_actor() -> None:
+    """pop_stats() read on the loop's own thread: a return that arrives in the
+    middle (a finalizer) is not handled until the read is over."""
+    b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
+    held = await b.borrow()
+    (actor,) = b._registry.actors()
+    pool = actor.pool
+    popping = pool.pop_stats
+    in_use_after_the_return: list[int] = []
+
+    def pop_with_a_return_in_between(now: float) -> dict[str, Any]:
+        held.release_sync()
+        in_use_after_the_return.append(len(pool.in_use))
+        return popping(now)
+
+    pool.pop_stats = pop_with_a_return_in_between  # type: ignore[method-assign]
+    try:
+        (entry,) = b.pop_stats().values()
+    finally:
+        del pool.pop_stats
+    assert in_use_after_the_return == [1], "the return was handled in the middle of the read"
+    assert entry["in_use"] == 1 and entry["borrows"] == 1
+    await eventually(lambda: snapshot(b)["available"] == 1)
+    await b.aclose()
+
+
+async def test_a_return_from_inside_the_actors_own_step_is_delivered() -> None:
+    """A finalizer may run inside the actor's own step, after it has marked
+    itself parked and before it really is: the return cannot be handled there
+    (the actor's context is in use), so it waits for the actor's next wake-up."""
+    plan = DriverPlan()
+    b = Broker(fake_config(pool_min_size=0), driver_factory=plan)
+    held = await b.borrow()
+    (actor,) = b._registry.actors()
+    await eventually(lambda: actor._bell is not None)  # parked
+    actor._context.run(held.release_sync)  # as the actor's own step would run a finalizer
+    await eventually(lambda: snapshot(b)["available"] == 1)
+    async with b.borrow(timeout=1) as again:
+        assert again.driver is plan.made[0]
+    await b.aclose()

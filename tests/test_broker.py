@@ -631,3 +631,24 @@ def test_totals_never_go_back_while_loops_end(bolt_config: Any) -> None:
     assert b.totals()["borrows"] == loops
     assert readings > loops, "the watcher kept up with the loops"
     assert dips == [], f"{len(dips)} readings went back, first {dips[:3]}"
+
+
+async def test_a_borrow_that_finds_a_driver_idle_takes_no_trip_through_the_loop(
+    make_broker: MakeBroker,
+) -> None:
+    """The actor is parked: the borrower's own post drains the mailbox at once."""
+    b = make_broker(pool_min_size=0, pool_max_size=2)
+    async with b.borrow() as first:
+        await query(first)
+    await one(b)  # the actor has handled everything and parked
+    went_round: list[int] = []
+    asyncio.get_running_loop().call_soon(went_round.append, 1)
+    conn = await b.borrow()
+    driver = conn.driver
+    await conn.release()
+    assert went_round == [], "the borrow or the return waited for a loop iteration"
+    stats = await one(b)
+    assert stats["borrows"] == 2 and stats["available"] == 1 and stats["in_use"] == 0
+    async with b.borrow() as again:
+        assert again.driver is driver
+        await query(again)
