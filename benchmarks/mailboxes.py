@@ -44,8 +44,13 @@ async def _minimal_actor(mailbox: asyncio.Queue[tuple[int, Any]], idle: list[Any
             return
 
 
-async def minimal_pairs(drivers: list[Any], concurrency: int, total: int) -> tuple[int, float]:
-    """Borrow+release pairs through the minimal actor: (pairs done, seconds)."""
+async def minimal_pairs(
+    drivers: list[Any], concurrency: int, total: int, hold: bool = False
+) -> tuple[int, float]:
+    """Borrow+release pairs through the minimal actor: (pairs done, seconds).
+
+    With ``hold``, each borrower keeps its driver across one loop iteration.
+    """
     loop = asyncio.get_running_loop()
     mailbox: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     actor = loop.create_task(_minimal_actor(mailbox, list(drivers)))
@@ -59,6 +64,8 @@ async def minimal_pairs(drivers: list[Any], concurrency: int, total: int) -> tup
             waiter: asyncio.Future[Any] = loop.create_future()
             put((_BORROW, waiter))
             driver = await waiter
+            if hold:
+                await asyncio.sleep(0)
             put((_RETURN, driver))
             done += 1
 

@@ -130,9 +130,6 @@ class Connection:
     def __await__(self) -> Generator[Any, None, Self]:
         return self._acquire().__await__()
 
-    async def __aenter__(self) -> Self:
-        return await self._acquire()
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -202,6 +199,9 @@ class Connection:
                 **actor.log_fields(),
             )
         return self
+
+    # ``async with`` runs the borrow's coroutine itself, not one that awaits it.
+    __aenter__ = _acquire
 
     # -- using -------------------------------------------------------------
 
