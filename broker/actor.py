@@ -176,11 +176,15 @@ class Actor:
                 self._busy = True
                 self._bell = None
 
-    def _drain(self) -> None:
+    def _drain(self, holds_mail: bool = False) -> None:
         inbox = self._inbox
         get, waiting = inbox.get_nowait, inbox.qsize  # only this loop takes mail out
-        while waiting():
-            message = get()
+        while holds_mail or waiting():
+            holds_mail = False
+            try:
+                message = get()
+            except asyncio.QueueEmpty:  # read meanwhile, by a drain a finalizer started
+                return
             try:
                 self._handle(message)
             except Exception as exc:  # a bug must not take the whole loop's pool down
@@ -191,7 +195,7 @@ class Actor:
         """Handle the mail now, on a sender's stack, while the actor is parked."""
         self._busy = True
         try:
-            self._context.run(self._drain)
+            self._context.run(self._drain, True)  # the sender's message at least
         except RuntimeError:
             # The actor's context is entered: a finalizer runs inside the
             # actor's own step, just before it parks. It drains on waking.
@@ -303,7 +307,8 @@ class Actor:
 
     def resolve(self, request: Request, value: Any) -> None:
         """Answer a caller (a driver for a borrower)."""
-        _disarm(request)
+        if request.expiry is not None:
+            _disarm(request)
         if not request.waiter.done():
             request.waiter.set_result(value)
 

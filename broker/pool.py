@@ -219,7 +219,7 @@ class Pool:
             return
         borrow.queued_at = now
         idle = self.idle
-        if not waiters and idle and borrow.pending():
+        if not waiters and idle and not borrow.waiter.done():
             # Nobody ahead and a driver idle: what dispatch() would do, directly.
             pooled = idle[-1]
             if not pooled.needs_check(now, self.config.health_check_interval):
