@@ -28,7 +28,6 @@ import broker
 from benchmarks.mailboxes import JanusGetBroker, QueueMailboxBroker, minimal_pairs
 from benchmarks.network import Network, can_front, local, tls
 from broker import Broker, Neo4jConnectionConfig, runner
-from broker.broker import default_driver_factory
 from broker.testing import BoltServer
 
 
@@ -296,17 +295,6 @@ async def _query_on(driver: neo4j.AsyncDriver) -> int:
     return int(records[0]["one"])
 
 
-def _unchecked_driver(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
-    """A driver whose ``verify_connectivity`` does nothing: what skipping the check saves."""
-    driver = default_driver_factory(config)
-
-    async def no_check(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    driver.verify_connectivity = no_check  # type: ignore[method-assign]
-    return driver
-
-
 def _celery_cases(
     result: Result, network: Network, threads: int, tasks: int, rounds: int, skip_check: bool
 ) -> dict[str, float]:
@@ -363,8 +351,8 @@ def _celery_cases(
         cases.append(
             (
                 "b2",
-                "broker, asyncio.run per task, no verify_connectivity on creation",
-                lambda: per_task_loop(Broker(config, driver_factory=_unchecked_driver)),
+                "broker, asyncio.run per task, verify_on_create=False",
+                lambda: per_task_loop(Broker(config.replace(verify_on_create=False))),
             )
         )
     cases.append(("c", "broker, broker.run: a persistent loop per thread", case_c))

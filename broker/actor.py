@@ -291,11 +291,11 @@ class Actor:
     # -- what the pool has us do (Effects) --------------------------------------
 
     def start_create(
-        self, context: contextvars.Context | None, generation: int, started: float
+        self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
-        """Make, verify and prepare a driver in a job of its own."""
+        """Make, verify (if ``verify``) and prepare a driver in a job of its own."""
         if_cancelled = Created(None, asyncio.CancelledError(), started=started)
-        self._spawn(self._create(generation, started), if_cancelled, context)
+        self._spawn(self._create(generation, started, verify), if_cancelled, context)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         """Run ``on_return`` and verify a driver in a job of its own."""
@@ -375,7 +375,7 @@ class Actor:
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
-    async def _create(self, generation: int, started: float) -> Created:
+    async def _create(self, generation: int, started: float, verify: bool) -> Created:
         driver: AsyncDriver | None = None
         config = self.config
         limit = config.connection_acquisition_timeout
@@ -387,7 +387,8 @@ class Actor:
                     if config.credentials is not None:
                         config = config.for_driver(await config.auth_for_new_driver())
                     driver = self._factory(config)
-                    await driver.verify_connectivity()
+                    if verify:
+                        await driver.verify_connectivity()
             except TimeoutError:
                 # Report it the way the driver reports a server it cannot reach.
                 raise ServiceUnavailable(f"could not connect within {limit:g} s") from None

@@ -198,6 +198,10 @@ class Neo4jConnectionConfig:
     reconnect_timeout: float | None = _env("reconnect_timeout", 300.0)
     #: Credentials evaluated for each new driver (see :data:`CredentialsProvider`).
     credentials: CredentialsProvider | None = field(default=None, compare=False)
+    #: Verify a driver made for a waiting borrower before handing it out; off
+    #: saves a round trip per new driver (the borrower's first query proves
+    #: the connection). Drivers made to reach ``pool_min_size`` are always verified.
+    verify_on_create: bool = _env("verify_on_create", True)
     #: Run once on each new driver, after it was verified, before its first borrow.
     on_create: DriverHook | None = field(default=None, compare=False)
     #: Run on each returned driver; if it fails, the driver is verified or discarded.
@@ -219,6 +223,11 @@ class Neo4jConnectionConfig:
                 f"max_connection_pool_size must be at least 1, got {self.max_connection_pool_size}"
             )
         check_sizes(self.pool_min_size, self.pool_max_size, "pool_min_size", "pool_max_size")
+        if not isinstance(self.verify_on_create, bool):
+            raise ValueError(
+                "verify_on_create must be True or False, "
+                f"got {type(self.verify_on_create).__name__}"
+            )
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be zero (no limit) or more, got {self.max_waiting}")
         if self.max_borrows is not None and (
@@ -406,6 +415,9 @@ _OPTIONAL_FIELDS = frozenset(
     {"health_check_interval", "max_lifetime", "max_idle_time", "max_borrows", "reconnect_timeout"}
 )
 _STRING_FIELDS = frozenset({"uri", "username", "password", "database"})
+_BOOL_FIELDS = frozenset({"verify_on_create"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _parse_env(name: str, raw: str) -> Any:
@@ -413,6 +425,10 @@ def _parse_env(name: str, raw: str) -> Any:
     if name in _STRING_FIELDS:
         return raw
     text = raw.strip()
+    if name in _BOOL_FIELDS:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{variable} must be true or false (1/0, yes/no, on/off), got {text!r}")
     if name in _OPTIONAL_FIELDS and text.lower() in {"none", "off"}:
         return None
     try:

@@ -69,9 +69,9 @@ class Effects(Protocol):
     """What the pool has its actor do (jobs report back with a message)."""
 
     def start_create(
-        self, context: contextvars.Context | None, generation: int, started: float
+        self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
-        """Start a job that makes, verifies and prepares (``on_create``) a new driver."""
+        """Start a job that makes, verifies (if ``verify``) and prepares a new driver."""
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         """Start a job that runs ``on_return`` (``hook``) and verifies ``pooled``.
@@ -527,7 +527,8 @@ class Pool:
             self._give(pooled, borrow, now)
         short = len(waiters) - len(self.connecting) - len(self.checking)
         while short > 0 and self.total() < self.max_size:
-            self._create(waiters[len(waiters) - short].context, now)
+            # The borrower's own first query proves a driver made for it.
+            self._create(waiters[len(waiters) - short].context, now, self.config.verify_on_create)
             short -= 1
 
     def _give(self, pooled: PooledDriver, borrow: Borrow, now: float) -> None:
@@ -634,9 +635,9 @@ class Pool:
                 self.check_batches.remove(batch)
                 self._effects.resolve(batch.request, batch.discarded)
 
-    def _create(self, context: contextvars.Context | None, now: float) -> None:
+    def _create(self, context: contextvars.Context | None, now: float, verify: bool = True) -> None:
         self.connecting.append(now)
-        self._effects.start_create(context, self.generation, now)
+        self._effects.start_create(context, self.generation, now, verify)
 
     def _check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         self.checking.add(pooled)

@@ -270,8 +270,10 @@ def test_from_env_reads_every_field() -> None:
         "NEO4J_BORROW_TIMEOUT": "3",
         "NEO4J_HEALTH_CHECK_INTERVAL": "off",
         "NEO4J_MAX_LIFETIME": "120",
+        "NEO4J_VERIFY_ON_CREATE": " Off ",
     }
     config = Neo4jConnectionConfig.from_env(env)
+    assert config.verify_on_create is False
     assert config.uri == "neo4j+s://graph.example:7687"
     assert (config.username, config.password, config.database) == ("svc", SECRET, "graph")
     assert (config.pool_max_size, config.pool_min_size) == (4, 0)
@@ -290,6 +292,7 @@ def test_from_env_reads_every_field() -> None:
         ("NEO4J_BORROW_TIMEOUT", "soon", "NEO4J_BORROW_TIMEOUT must be a number"),
         ("NEO4J_POOL_MAX_SIZE", "0", "pool_max_size must be at least 1"),
         ("NEO4J_URI", "ftp://x", "unknown URI scheme 'ftp'"),
+        ("NEO4J_VERIFY_ON_CREATE", "maybe", "NEO4J_VERIFY_ON_CREATE must be true or false"),
     ],
 )
 def test_from_env_rejects_bad_values(name: str, value: str, message: str) -> None:
@@ -337,3 +340,9 @@ async def test_tls_settings_reach_the_driver_unchanged(
         assert isinstance(driver, neo4j.AsyncNeo4jDriver if routing else neo4j.AsyncBoltDriver)
     finally:
         await driver.close()
+
+
+def test_verify_on_create_is_a_bool() -> None:
+    assert Neo4jConnectionConfig(password=SECRET).verify_on_create is True
+    with pytest.raises(ValueError, match="verify_on_create must be True or False, got str"):
+        Neo4jConnectionConfig(password=SECRET, verify_on_create="no")  # type: ignore[arg-type]

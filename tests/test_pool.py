@@ -38,6 +38,7 @@ class Jobs:
 
     def __init__(self) -> None:
         self.creations: list[tuple[int, float]] = []  # (generation, started)
+        self.verified: list[bool] = []  # whether each creation verifies its driver
         self.checks: list[tuple[PooledDriver, bool, bool]] = []
         self.closes: list[PooledDriver] = []
         self.events: list[str] = []
@@ -45,12 +46,13 @@ class Jobs:
         self.pool: Pool | None = None
         self.peak = 0
 
-    def start_create(self, context: Any, generation: int, started: float) -> None:
+    def start_create(self, context: Any, generation: int, started: float, verify: bool) -> None:
         assert self.pool is not None
         # Asked while the new creation is already counted: the bound holds with it.
         assert self.pool.total() <= self.pool.max_size, "a creation beyond max_size"
         self.peak = max(self.peak, self.pool.total())
         self.creations.append((generation, started))
+        self.verified.append(verify)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         self.checks.append((pooled, hook, verify))
@@ -477,3 +479,52 @@ def test_a_closing_pool_neither_grows_nor_replaces() -> None:
     pool.resize(2, 3, version=1, now=0.1)
     pool.drain(1, now=0.1)
     assert jobs.creations == [] and pool.max_size == 3 and pool.generation == 1
+
+
+def test_drivers_made_for_borrowers_skip_the_check_only_when_told() -> None:
+    pool, jobs = make_pool(pool_min_size=0, pool_max_size=4, verify_on_create=False)
+    borrow(pool, 0.0)
+    assert jobs.verified == [False], "the borrower's own first query proves it"
+    pool, jobs = make_pool(pool_min_size=0, pool_max_size=4)
+    borrow(pool, 0.0)
+    assert jobs.verified == [True], "verified by default"
+
+
+def test_drivers_made_for_the_minimum_or_a_readiness_wait_are_always_verified() -> None:
+    pool, jobs = make_pool(pool_min_size=2, pool_max_size=4, verify_on_create=False)
+    pool.wait_ready(WaitReady(Waiter(), None), 0.0)  # type: ignore[arg-type]
+    assert jobs.verified == [True, True], "nobody's query would prove these"
+    finish_creations(pool, jobs, 0.1)
+    first = borrow(pool, 0.2)
+    borrow(pool, 0.2)
+    borrow(pool, 0.2)  # the third grows the pool, for a borrower
+    assert jobs.verified == [True, True, False]
+    held(first)
+    pool, jobs = make_pool(pool_min_size=2, pool_max_size=4, verify_on_create=False)
+    pool.tick(0.0)  # maintenance makes the minimum
+    assert jobs.verified == [True, True]
+
+
+def test_an_error_is_described_with_its_root_cause() -> None:
+    from broker.pool import describe
+
+    try:
+        try:
+            try:
+                raise OSError("certificate verify failed: unable to get local issuer")
+            except OSError as exc:
+                raise ConnectionError("handshake") from exc
+        except ConnectionError:
+            raise neo4j.exceptions.ServiceUnavailable("Unable to retrieve routing information")  # noqa: B904
+    except neo4j.exceptions.ServiceUnavailable as exc:
+        shown = describe(exc)
+    assert shown == (
+        "ServiceUnavailable: Unable to retrieve routing information"
+        " (caused by OSError: certificate verify failed: unable to get local issuer)"
+    )
+    assert describe(ValueError("alone")) == "ValueError: alone"
+    assert describe(None) == "none"
+    looped = RuntimeError("a")
+    looped.__cause__ = RuntimeError("b")
+    looped.__cause__.__cause__ = looped  # a cycle ends the walk
+    assert describe(looped) == "RuntimeError: a (caused by RuntimeError: b)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from neo4j.auth_management import AsyncAuthManagers
 import broker
 from broker import BorrowTimeout, Broker, Neo4jConnectionConfig, TooManyWaiters
 from broker.actor import Actor
+from broker.broker import default_driver_factory
 from broker.testing import BoltServer, EmbeddedServer
 from broker.testing.faults import FaultProxy
 from tests.conftest import PLANTED_SECRETS, SecretWatch
@@ -725,3 +727,66 @@ async def test_new_events_are_logged_without_secrets(
         text = repr(event)
         secret_watch.check(text, f"event {event['event']}")
         assert not any(s in text for s in secrets), f"a secret in {event['event']}"
+
+
+def counting_checks(calls: list[str]) -> Callable[[Neo4jConnectionConfig], neo4j.AsyncDriver]:
+    """The default factory, with each driver's ``verify_connectivity`` counted."""
+
+    def factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+        driver = default_driver_factory(config)
+        verify = driver.verify_connectivity
+
+        async def counted(**kwargs: Any) -> None:
+            calls.append("verify")
+            await verify(**kwargs)
+
+        driver.verify_connectivity = counted  # type: ignore[method-assign]
+        return driver
+
+    return factory
+
+
+async def test_verify_on_create_off_leaves_the_check_to_the_first_query(
+    make_broker: MakeBroker,
+) -> None:
+    calls: list[str] = []
+    b = make_broker(
+        pool_min_size=1,
+        pool_max_size=3,
+        verify_on_create=False,
+        driver_factory=counting_checks(calls),
+    )
+    await b.wait(timeout=30)
+    assert calls == ["verify"], "a driver made for the minimum is still verified"
+    async with b.borrow() as one, b.borrow() as two, b.borrow() as three:
+        assert [await query(c, n) for n, c in enumerate((one, two, three))] == [0, 1, 2]
+    assert calls == ["verify"], "drivers made for borrowers were not verified on creation"
+    assert here(b).snapshot()["created"] == 3
+
+    calls.clear()
+    checked = make_broker(pool_min_size=0, pool_max_size=1, driver_factory=counting_checks(calls))
+    async with checked.borrow() as conn:
+        await query(conn)
+    assert calls == ["verify"], "on by default"
+
+
+async def test_verify_on_create_off_a_dead_server_shows_in_the_first_query(
+    make_broker: MakeBroker,
+) -> None:
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    b = make_broker(
+        uri=f"bolt://127.0.0.1:{port}",
+        pool_min_size=0,
+        pool_max_size=1,
+        verify_on_create=False,
+        max_transaction_retry_time=0,  # the query's own retries are not what is tested
+    )
+    for _ in range(2):
+        with pytest.raises(neo4j.exceptions.ServiceUnavailable):
+            async with b.borrow(timeout=10) as conn:
+                await query(conn)
+    stats = here(b).snapshot()
+    assert stats["returns_bad"] == 2, "each failed query sent its driver back to be checked"
+    await eventually(lambda: here(b).snapshot()["total"] == 0)  # no broken driver kept
