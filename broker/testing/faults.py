@@ -30,8 +30,9 @@ import struct
 import sys
 import threading
 from collections.abc import Coroutine, Sequence
-from types import TracebackType
 from typing import Any, Self, TypeVar
+
+from broker.testing.service import Service
 
 __all__ = ["FaultProxy"]
 
@@ -62,7 +63,7 @@ class _Link:
             writer.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """A loopback TCP proxy to ``target_host:target_port`` with switchable faults.
 
     ``latency``: seconds added to every chunk, each way. ``tls``: terminate
@@ -111,17 +112,6 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def uri(self) -> str:

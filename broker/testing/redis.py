@@ -19,7 +19,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Self
+
+from broker.testing.service import Service
 
 __all__ = ["EmbeddedRedis", "celery_url_from_env"]
 
@@ -56,7 +58,7 @@ def _answers(path: Path) -> bool:
         return False
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(Service):
     """A ``redis-server`` child process on a unix socket; a context manager."""
 
     def __init__(self, start_timeout: float = 30.0) -> None:
@@ -77,7 +79,7 @@ class EmbeddedRedis:
         """The server's process id while it runs."""
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> EmbeddedRedis:
+    def start(self) -> Self:
         """Start the server and wait until it answers."""
         binary = _server_binary()
         folder = Path(tempfile.mkdtemp(prefix="broker-redis-"))
@@ -143,14 +145,3 @@ class EmbeddedRedis:
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -38,8 +38,9 @@ import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Protocol, Self, runtime_checkable
+
+from broker.testing.service import Service
 
 __all__ = [
     "BoltServer",
@@ -153,7 +154,7 @@ def _stop_leftovers() -> None:
             server.stop()
 
 
-class EmbeddedServer:
+class EmbeddedServer(Service):
     """An ArcadeDB server with the Bolt plugin, in a child process.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -339,17 +340,6 @@ class EmbeddedServer:
                 self._proc = None
             self._cleanup_files()
             _live.discard(self)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- databases ------------------------------------------------------
 

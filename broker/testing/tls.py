@@ -23,13 +23,13 @@ import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
 import neo4j
 import trustme
 
 from broker.testing.faults import FaultProxy
+from broker.testing.service import Service
 
 __all__ = ["TlsFront"]
 
@@ -37,7 +37,7 @@ __all__ = ["TlsFront"]
 HOST = "127.0.0.1"
 
 
-class TlsFront:
+class TlsFront(Service):
     """A TLS-terminating listener in front of ``target_host:target_port``.
 
     ``latency`` adds that many seconds to every chunk, each way (see
@@ -100,17 +100,6 @@ class TlsFront:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what drivers need -------------------------------------------------------
 
