@@ -223,11 +223,17 @@ class FaultProxy(Service):
             if delay[0] > 0:
                 await asyncio.sleep(delay[0])
                 delay[0] = 0.0
-            await self._flowing.wait()
-            if link not in self._links:
+            if not await self._forward(link, writer, data):
                 return
-            writer.write(data)
-            await writer.drain()
+
+    async def _forward(self, link: _Link, writer: asyncio.StreamWriter, data: bytes) -> bool:
+        """Send ``data`` on once traffic flows; False if the link was reset meanwhile."""
+        await self._flowing.wait()
+        if link not in self._links:
+            return False
+        writer.write(data)
+        await writer.drain()
+        return True
 
     async def _pump_late(
         self,
@@ -250,11 +256,8 @@ class FaultProxy(Service):
                     if not data:
                         _end_stream(writer)
                         return
-                    await self._flowing.wait()
-                    if link not in self._links:
+                    if not await self._forward(link, writer, data):
                         return
-                    writer.write(data)
-                    await writer.drain()
             finally:
                 while not due.empty():  # frees a reader waiting to put
                     due.get_nowait()
