@@ -658,7 +658,7 @@ def many_loops(server: BoltServer, quick: bool) -> Result:
     finally:
         pool.shutdown()
     totals = b.totals()
-    live = len(b._registry.actors())
+    live = len(b.actors())
     b.close()
     assert done == loops and by_hand == loops
     assert totals["created"] == totals["closed"], totals

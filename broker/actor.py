@@ -1,19 +1,15 @@
 """One event loop's pool of drivers, owned and served by one actor.
 
 The actor is a task in its loop. Everything that changes the pool happens
-while it handles a message from its janus mailbox: borrowers post from the
-loop's own thread through the async side, other threads through the sync
-side. The actor never waits on I/O itself: creating, checking and closing a
-driver are jobs (tasks of their own) that report back with a message.
+while it handles a message from its mailbox (:mod:`broker.mailbox`):
+borrowers post from the loop's own thread, other threads through the
+mailbox's sync side. The actor never waits on I/O itself: creating,
+checking and closing a driver are jobs (:mod:`broker.jobs`), tasks of their
+own that report back with a message.
 
-The actor drains its mailbox in batches and, when it is empty, parks on a
-future of its own loop. Senders in other threads wake it with
-``call_soon_threadsafe``. A sender in the loop itself, finding the actor
-parked, drains the mailbox on the spot, in the actor's place and context:
-the message still goes through the mailbox, in order, and the pool is still
-changed only on the loop's thread, one message at a time. So a borrow that
-finds an idle driver, and every return, are served without a trip through
-the loop (and never pay for janus's cross-thread notifier task).
+The request protocol lives here, written once: :meth:`Actor.borrow` (post,
+wait, and withdraw or give back when cancelled), :meth:`Actor.give_back`,
+:meth:`Actor.ask` (readiness waits and checks) and :meth:`Actor.tell`.
 
 The actor's maintenance timer is scheduled on its loop, so the loop holds
 the actor (and the actor its loop) and nothing else needs to: the process
@@ -31,15 +27,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import janus
-from neo4j import AsyncDriver
-from neo4j.exceptions import ServiceUnavailable
-
-from broker import log
+from broker import jobs, log
+from broker.asyncio_internals import running_loop
 from broker.config import Neo4jConnectionConfig
-from broker.connection import PooledDriver
 from broker.errors import BrokerClosed
+from broker.jobs import DriverFactory
 from broker.loop_end import end_with_loop
+from broker.mailbox import Mailbox
 from broker.messages import (
     Borrow,
     Checked,
@@ -57,12 +51,11 @@ from broker.messages import (
     WaitReady,
     Withdraw,
 )
-from broker.pool import Pool, describe
+from broker.pool import Pool
+from broker.pooled import PooledDriver
+from broker.stats import PoolStats
 
 __all__ = ["Actor", "DriverFactory"]
-
-#: Makes one (not yet connected) driver from a config.
-DriverFactory = Callable[[Neo4jConnectionConfig], AsyncDriver]
 
 _STOPPING_TICK = 0.05
 
@@ -72,7 +65,7 @@ class Actor:
 
     The pool (:class:`~broker.pool.Pool`) decides; the actor reads the
     mailbox, keeps the time, runs the jobs the pool asks for and answers the
-    callers (it is the pool's :class:`~broker.pool.Effects`).
+    callers (it is the pool's :class:`~broker.effects.Effects`).
     """
 
     def __init__(
@@ -92,17 +85,12 @@ class Actor:
         self.thread_name = threading.current_thread().name
         self._factory = driver_factory
         self._on_stopped = on_stopped
-        self._mailbox: janus.Queue[Message] = janus.Queue()
-        self._inbox = self._mailbox.async_q
-        self._outside_inbox = self._mailbox.sync_q
-        # janus guards both sides with this one lock (see _mailbox_busy).
-        self._mailbox_lock = self._mailbox._sync_mutex
-        self._bell: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
         # The actor's own context: a drain on a sender's stack runs in it too.
         self._context = contextvars.Context()
-        # False only while the actor is parked and nobody drains in its place.
-        self._busy = True
+        self.mailbox: Mailbox[Message] = Mailbox(
+            loop, self._context, self._handle, self._failed, self._unread, self._stopping
+        )
+        self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         # Tasks that report to nobody (see _detach).
         self._detached: set[asyncio.Task[None]] = set()
@@ -111,10 +99,50 @@ class Actor:
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._finished = False
-        #: Set by the broker once this pool's counters are part of its totals.
-        self.folded = False
-        #: Workspace preparations running in this loop (shared by concurrent callers).
-        self.preparing: dict[str, asyncio.Future[str]] = {}
+
+    # -- the request protocol (callers in the loop, or any thread) --------------
+
+    async def borrow(self, timeout: float) -> PooledDriver:
+        """A driver of this pool, for a borrower in this loop; waits up to ``timeout``."""
+        loop = self.loop
+        waiter: asyncio.Future[PooledDriver] = loop.create_future()
+        request = Borrow(waiter, timeout, asyncio.current_task(loop), contextvars.copy_context())
+        if not self.mailbox.post(request):
+            raise BrokerClosed(f"the pool of loop {self.key} has stopped")
+        try:
+            return await waiter
+        except BaseException:
+            # Also a GeneratorExit from the collector closing the borrower:
+            # posting never waits on a lock (Mailbox.post).
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed to us just as we were cancelled: give it straight back.
+                self.mailbox.post(Return(waiter.result()))
+            elif waiter.cancelled():
+                self.mailbox.post(Withdraw(request))
+            raise
+
+    def give_back(self, pooled: PooledDriver, broken: bool) -> bool:
+        """Return a borrowed driver, from any thread. False if the pool has stopped."""
+        return self.mailbox.send(Return(pooled, broken), running_loop())
+
+    def give_back_soon(self, pooled: PooledDriver, broken: bool) -> bool:
+        """:meth:`give_back` for a finalizer: takes no lock, posts on the loop's next turn."""
+        return self.mailbox.post_soon(Return(pooled, broken))
+
+    async def ask(self, request: WaitReady | CheckNow) -> Any:
+        """Post a request from this loop and wait for its answer; withdraw it if cancelled."""
+        if not self.mailbox.post(request):
+            raise BrokerClosed(f"the pool of loop {self.key} has stopped")
+        try:
+            return await request.waiter
+        except asyncio.CancelledError:
+            if isinstance(request, WaitReady) and request.waiter.cancelled():
+                self.mailbox.post(Withdraw(request))
+            raise
+
+    def tell(self, message: Resize | Drain | Shutdown | StatsRequest) -> bool:
+        """Deliver a message from any thread. False if it can never be read."""
+        return self.mailbox.send(message, running_loop())
 
     # -- life ----------------------------------------------------------------
 
@@ -127,6 +155,11 @@ class Actor:
         )
         end_with_loop(self._task)  # even if the loop is already ending (asyncio.run's teardown)
         self._arm_timer()
+
+    @property
+    def context(self) -> contextvars.Context:
+        """The actor's own context, in which every drain of its mailbox runs."""
+        return self._context
 
     @property
     def finished(self) -> bool:
@@ -162,49 +195,16 @@ class Actor:
             raise asyncio.CancelledError
 
     async def _serve(self) -> None:
-        pool = self.pool
+        pool, mailbox = self.pool, self.mailbox
         while True:
-            self._drain()
+            mailbox.drain()
             if pool.stopping is not None and pool.is_empty():
                 return
-            bell = self.loop.create_future()
-            self._bell = bell
-            self._busy = False  # a sender in this loop may now drain in our place
-            try:
-                await bell
-            finally:
-                self._busy = True
-                self._bell = None
+            await mailbox.wait()
 
-    def _drain(self, holds_mail: bool = False) -> None:
-        inbox = self._inbox
-        get, waiting = inbox.get_nowait, inbox.qsize  # only this loop takes mail out
-        while holds_mail or waiting():
-            holds_mail = False
-            try:
-                message = get()
-            except asyncio.QueueEmpty:  # read meanwhile, by a drain a finalizer started
-                return
-            try:
-                self._handle(message)
-            except Exception as exc:  # a bug must not take the whole loop's pool down
-                name = type(message).__name__
-                self.emit(log.ERROR, "actor.error", error=repr(exc), message=name)
-
-    def _drain_here(self) -> None:
-        """Handle the mail now, on a sender's stack, while the actor is parked."""
-        self._busy = True
-        try:
-            self._context.run(self._drain, True)  # the sender's message at least
-        except RuntimeError:
-            # The actor's context is entered: a finalizer runs inside the
-            # actor's own step, just before it parks. It drains on waking.
-            self._ring()
-            return
-        finally:
-            self._busy = False
-        if self.pool.stopping is not None:
-            self._ring()  # the actor itself decides when it has stopped
+    def _stopping(self) -> bool:
+        # After a drain in our place: a stopping actor decides itself when it has stopped.
+        return self.pool.stopping is not None
 
     # -- messages --------------------------------------------------------------
 
@@ -221,29 +221,15 @@ class Actor:
                 _disarm(message.request)
                 pool.withdraw(message.request, time.monotonic())
             case Created():
-                pool.creation_ended(
-                    message.driver,
-                    message.error,
-                    message.context,
-                    message.started,
-                    message.seconds,
-                    message.hook_failed,
-                    time.monotonic(),
-                )
+                pool.creation_ended(message, time.monotonic())
             case Checked():
-                pool.check_ended(
-                    message.driver,
-                    message.error,
-                    message.hook_error,
-                    message.verified,
-                    time.monotonic(),
-                )
+                pool.check_ended(message, time.monotonic())
             case Closed():
                 self._on_closed(message)
             case Tick():
                 pool.tick(time.monotonic())
             case StatsRequest():
-                self._on_stats(message)
+                message.reply(self.snapshot())
             case Shutdown():
                 self._on_shutdown(message)
             case WaitReady():
@@ -256,23 +242,21 @@ class Actor:
             case Drain():
                 pool.drain(message.generation, time.monotonic())
 
+    def _failed(self, error: BaseException, message: Message) -> None:
+        self.emit(log.ERROR, "actor.error", error=repr(error), message=type(message).__name__)
+
     def _arm_expiry(self, request: Borrow | WaitReady) -> None:
         if not request.waiter.done() and request.timeout != float("inf"):
             request.expiry = self.loop.call_later(request.timeout, self._expire, request)
 
-    def _on_stats(self, message: StatsRequest) -> None:
-        asker = message.pop_for
-        if asker is None:
-            message.reply(self.snapshot())
-        elif asker.set_running_or_notify_cancel():
-            # From here the asker can no longer give up: the reset and the
-            # answer that carries it both happen, or (cancelled) neither does.
-            message.reply(self.pool.pop_stats(time.monotonic()))
+    def _expire(self, request: Borrow | WaitReady) -> None:
+        request.expiry = None
+        self.mailbox.post(Withdraw(request))
 
     def _on_closed(self, message: Closed) -> None:
         if not message.finished and self.pool.is_closing(message.driver):
             # Cancelled before it could run (the loop is ending): close it again.
-            self._spawn(self._close(message.driver), Closed(message.driver, finished=False))
+            self._spawn(jobs.close(message.driver), Closed(message.driver, finished=False))
             return
         self.pool.close_ended(message.driver)
 
@@ -294,16 +278,17 @@ class Actor:
         self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
         """Make, verify (if ``verify``) and prepare a driver in a job of its own."""
-        if_cancelled = Created(None, asyncio.CancelledError(), started=started)
-        self._spawn(self._create(generation, started, verify), if_cancelled, context)
+        job = jobs.create(self.config, self._factory, generation, started, verify)
+        self._spawn(job, Created(None, asyncio.CancelledError(), started=started), context)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         """Run ``on_return`` and verify a driver in a job of its own."""
-        self._spawn(self._check(pooled, hook, verify), Checked(pooled, asyncio.CancelledError()))
+        job = jobs.check(self.config, pooled, hook, verify)
+        self._spawn(job, Checked(pooled, asyncio.CancelledError()))
 
     def start_close(self, pooled: PooledDriver) -> None:
         """Close a driver in a job of its own."""
-        self._spawn(self._close(pooled), Closed(pooled, finished=False))
+        self._spawn(jobs.close(pooled), Closed(pooled, finished=False))
 
     def resolve(self, request: Request, value: Any) -> None:
         """Answer a caller (a driver for a borrower)."""
@@ -321,7 +306,7 @@ class Actor:
         """Drop the timer of a caller that was cancelled."""
         _disarm(request)
 
-    def reconnect_failed(self, stats: dict[str, Any]) -> None:
+    def reconnect_failed(self, stats: PoolStats) -> None:
         """Run the application's ``reconnect_failed`` callback (async ones as a task)."""
         callback = self.config.reconnect_failed
         if callback is None:
@@ -362,8 +347,8 @@ class Actor:
                 report = task.result()
             else:
                 self.emit(log.ERROR, "actor.error", error=repr(error), job=task.get_name())
-        if not self.post(report) and isinstance(report, Created) and report.driver is not None:
-            self._detach(_close_quietly(report.driver.driver))
+        if not self.mailbox.post(report) and isinstance(report, Created) and report.driver:
+            self._detach(jobs.close_quietly(report.driver.driver))
 
     def _detach(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that reports to nobody, held until it ends.
@@ -375,166 +360,7 @@ class Actor:
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
-    async def _create(self, generation: int, started: float, verify: bool) -> Created:
-        driver: AsyncDriver | None = None
-        config = self.config
-        limit = config.connection_acquisition_timeout
-        began = time.monotonic()
-        seconds = 0.0
-        try:
-            try:
-                async with asyncio.timeout(limit):
-                    if config.credentials is not None:
-                        config = config.for_driver(await config.auth_for_new_driver())
-                    driver = self._factory(config)
-                    if verify:
-                        await driver.verify_connectivity()
-            except TimeoutError:
-                # Report it the way the driver reports a server it cannot reach.
-                raise ServiceUnavailable(f"could not connect within {limit:g} s") from None
-            seconds = time.monotonic() - began
-        except BaseException as exc:
-            if driver is not None:
-                await _close_quietly(driver)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return Created(None, exc, contextvars.copy_context(), started)
-        hook = config.on_create
-        if hook is not None:
-            try:
-                async with asyncio.timeout(limit):
-                    await hook(driver)
-            except BaseException as exc:
-                await _close_quietly(driver)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return Created(None, exc, contextvars.copy_context(), started, seconds, True)
-        pooled = PooledDriver(driver, time.monotonic(), generation)
-        return Created(pooled, None, contextvars.copy_context(), started, seconds)
-
-    async def _check(self, pooled: PooledDriver, hook: bool, verify: bool) -> Checked:
-        hook_error: Exception | None = None
-        timeout = self.config.health_check_timeout
-        on_return = self.config.on_return
-        if hook and on_return is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    await on_return(pooled.driver)
-            except Exception as exc:
-                hook_error = exc
-        if not verify and hook_error is None:
-            return Checked(pooled, verified=False)
-        try:
-            async with asyncio.timeout(timeout):
-                await pooled.driver.verify_connectivity()
-        except Exception as exc:
-            return Checked(pooled, exc, hook_error)
-        return Checked(pooled, None, hook_error)
-
-    async def _close(self, pooled: PooledDriver) -> Closed:
-        await _close_quietly(pooled.driver)
-        return Closed(pooled)
-
-    # -- mailbox -------------------------------------------------------------
-
-    def send(self, message: Message) -> bool:
-        """Deliver a message from any thread, by the right side of the mailbox."""
-        if asyncio._get_running_loop() is self.loop:
-            return self.post(message)
-        return self.post_threadsafe(message)
-
-    def post(self, message: Message) -> bool:
-        """Deliver a message from this loop's own thread. False once the actor has stopped.
-
-        If the actor is parked, the mailbox is drained at once, here (see the
-        module's docstring); otherwise the actor reads it on its next wake-up.
-        """
-        lock = self._mailbox_lock  # as _mailbox_busy(), inline: this is every borrow's path
-        if not lock.acquire(blocking=False):
-            return self.post_soon(message)
-        lock.release()
-        try:
-            self._inbox.put_nowait(message)  # raises unless called in the running loop
-        except janus.AsyncQueueShutDown:
-            return False
-        bell = self._bell
-        if bell is not None and not bell.done():
-            if self._busy:
-                # Inside a drain: a callback, a log processor or an eager task
-                # run by a message's handling. The drain reads this one too.
-                bell.set_result(None)
-            else:
-                self._drain_here()
-        return True
-
-    def post_threadsafe(self, message: Message) -> bool:
-        """Deliver a message from any thread. False if it can never be read."""
-        if self._mailbox_busy():
-            return self.post_soon(message)
-        try:
-            self._outside_inbox.put(message)
-        except janus.SyncQueueShutDown:
-            return False
-        try:
-            self.loop.call_soon_threadsafe(self._ring)
-        except RuntimeError:  # the loop is closed: nobody will read it
-            return False
-        return True
-
-    def post_soon(self, message: Message) -> bool:
-        """Deliver a message from anywhere, a finalizer included. False if the loop is closed.
-
-        It takes no lock and never blocks: ``call_soon_threadsafe`` only
-        appends to a deque and writes a byte to the loop's wake-up socket. The
-        loop posts the message on its next iteration.
-        """
-        try:
-            self.loop.call_soon_threadsafe(self._post_later, message)
-        except RuntimeError:  # the loop is closed: nobody will read it
-            return False
-        return True
-
-    def _post_later(self, message: Message) -> None:
-        if not self.post(message):  # the actor stopped meanwhile
-            self._answer_unread(message, BrokerClosed(f"the pool of loop {self.key} has stopped"))
-
-    def _answer_unread(self, message: Message, closed: BrokerClosed) -> None:
-        """Answer mail the actor will never handle, so that no sender waits for ever."""
-        match message:
-            case StatsRequest():
-                self._on_stats(message)
-            case Shutdown(done=done) if done is not None:
-                done()
-            case Borrow() | WaitReady() | CheckNow():
-                _fail(message.waiter, closed)
-            case Created(driver=pooled) if pooled is not None:
-                self._detach(_close_quietly(pooled.driver))
-            case _:
-                pass  # returns and job reports of drivers already closed
-
-    def _mailbox_busy(self) -> bool:
-        """Whether the mailbox's lock is taken at this moment.
-
-        The collector runs finalizers wherever an allocation triggers it, even
-        inside the mailbox's own critical section; a finalizer that gives a
-        driver back would then wait for a lock its own thread holds, for ever.
-        So a sender that finds the lock taken (by this thread or, briefly, by
-        another) goes the lock-free way of :meth:`post_soon` instead of waiting.
-        """
-        lock = self._mailbox_lock
-        if lock.acquire(blocking=False):
-            lock.release()
-            return False
-        return True
-
-    def _ring(self) -> None:
-        bell = self._bell
-        if bell is not None and not bell.done():
-            bell.set_result(None)
-
-    def _expire(self, request: Borrow | WaitReady) -> None:
-        request.expiry = None
-        self.post(Withdraw(request))
+    # -- the clock and the end -------------------------------------------------
 
     def _arm_timer(self) -> None:
         self._timer = self.loop.call_later(self._tick_interval(), self._on_timer)
@@ -544,7 +370,7 @@ class Actor:
         if self._finished:
             return
         self._arm_timer()  # first: the pending timer is what keeps the actor alive
-        self.post(Tick())
+        self.mailbox.post(Tick())
 
     def _tick_interval(self) -> float:
         if self.pool.stopping is not None:
@@ -559,20 +385,14 @@ class Actor:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        closed = BrokerClosed(f"the pool of loop {self.key} has stopped")
-        self.pool.fail_waiting(closed)
-        # Refuse new mail, then answer what is already there.
-        self._mailbox.shutdown()
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except (asyncio.QueueEmpty, janus.AsyncQueueShutDown):
-                break
+        self.pool.fail_waiting(self._stopped_error())
+        for message in self.mailbox.shut():  # refuse new mail, answer what is there
             if isinstance(message, Shutdown) and message.done is not None:
                 self._stopped_callbacks.append(message.done)  # called once we have stopped
             else:
-                self._answer_unread(message, closed)
-        self.emit(log.INFO, "actor.stopped", created=self.pool.created, closed=self.pool.closed)
+                self._unread(message)
+        counters = self.pool.counters
+        self.emit(log.INFO, "actor.stopped", created=counters.created, closed=counters.closed)
         self._on_stopped(self, loop_ending)
         for callback in self._stopped_callbacks:
             try:
@@ -580,23 +400,33 @@ class Actor:
             except Exception as exc:
                 self.emit(log.ERROR, "actor.error", error=repr(exc))
 
+    def _stopped_error(self) -> BrokerClosed:
+        return BrokerClosed(f"the pool of loop {self.key} has stopped")
+
+    def _unread(self, message: Message) -> None:
+        """Answer mail the actor will never handle, so that no sender waits for ever."""
+        match message:
+            case StatsRequest():
+                message.reply(self.snapshot())
+            case Shutdown(done=done) if done is not None:
+                done()
+            case Borrow() | WaitReady() | CheckNow():
+                _fail(message.waiter, self._stopped_error())
+            case Created(driver=pooled) if pooled is not None:
+                self._detach(jobs.close_quietly(pooled.driver))
+            case _:
+                pass  # returns and job reports of drivers already closed
+
     # -- reading -------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> PoolStats:
         """The pool's counters (read it in the loop's thread for a consistent view)."""
         return self.pool.snapshot(time.monotonic())
 
-    def pop_stats_here(self, now: float) -> dict[str, Any]:
-        """The pool's ``pop_stats()``, on the loop's thread but outside the actor.
-
-        No drain may run in the middle of it (one started by a finalizer
-        that gives a driver back, say): mail posted meanwhile waits for the actor.
-        """
-        busy, self._busy = self._busy, True
-        try:
-            return self.pool.pop_stats(now)
-        finally:
-            self._busy = busy
+    def snapshot_here(self) -> PoolStats:
+        """:meth:`snapshot` on the loop's thread, outside the actor: no drain runs in the middle."""
+        with self.mailbox.hold():
+            return self.snapshot()
 
     def log_fields(self) -> dict[str, Any]:
         """The loop key, thread name and pool counters every event carries."""
@@ -628,13 +458,3 @@ def _disarm(request: Request) -> None:
     if request.expiry is not None:
         request.expiry.cancel()
         request.expiry = None
-
-
-async def _close_quietly(driver: AsyncDriver) -> None:
-    try:
-        await driver.close()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # the driver is being dropped either way
-        if log.enabled(log.DEBUG):
-            log.emit(log.DEBUG, "driver.close_error", error=describe(exc))

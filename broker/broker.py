@@ -15,36 +15,57 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import neo4j
 
 from broker import inherited, log
 from broker.actor import Actor, DriverFactory
+from broker.asyncio_internals import running_loop
 from broker.config import Neo4jConnectionConfig, check_sizes, check_timeout
 from broker.connection import Connection
+from broker.effects import Effects
 from broker.errors import BrokerClosed, BrokerError
-from broker.histogram import HOLD_BUCKETS, WAIT_BUCKETS, Histogram
-from broker.messages import (
-    CheckNow,
-    Drain,
-    Message,
-    Resize,
-    Shutdown,
-    StatsRequest,
-    WaitReady,
-    Withdraw,
-)
-from broker.pool import COUNTERS, Pool
+from broker.histogram import Histogram
+from broker.messages import CheckNow, Drain, Resize, Shutdown, StatsRequest, WaitReady
+from broker.pool import Pool
 from broker.registry import LoopRegistry, loop_key
-from broker.workspace import check_workspace, prepare_workspace
+from broker.stats import PoolStats, Totals
+from broker.workspace import Preparations, prepare_workspace
 
 __all__ = ["Broker", "default_driver_factory"]
+
+_Answer = concurrent.futures.Future[PoolStats]
 
 
 def default_driver_factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
     """A new, not yet connected, official async driver for ``config``."""
     return neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+
+
+class _Settings:
+    """What every pool, present and future, follows: sizes (with the version
+    that orders resizes from several threads) and the drain generation."""
+
+    def __init__(self, config: Neo4jConnectionConfig) -> None:
+        self.lock = threading.Lock()
+        self.sizes = (config.pool_min_size, config.pool_max_size, 0)
+        self.generation = 0
+
+    def current(self) -> tuple[tuple[int, int, int], int]:
+        with self.lock:
+            return self.sizes, self.generation
+
+    def resize(self, min_size: int, max_size: int) -> int:
+        with self.lock:
+            version = self.sizes[2] + 1
+            self.sizes = (min_size, max_size, version)
+            return version
+
+    def next_generation(self) -> int:
+        with self.lock:
+            self.generation += 1
+            return self.generation
 
 
 class Broker:
@@ -61,25 +82,20 @@ class Broker:
         driver_factory: DriverFactory | None = None,
     ) -> None:
         self.config = config if config is not None else Neo4jConnectionConfig.from_env()
-        self._factory = driver_factory or default_driver_factory
+        #: How this broker makes a driver.
+        self.driver_factory: DriverFactory = driver_factory or default_driver_factory
         self._registry = LoopRegistry()
         # Each thread's last actor, weakly: a borrow's lookup without the registry.
         self._last_actor = threading.local()
-        self._prepared: dict[str, str] = {}
-        self._retired = dict.fromkeys(COUNTERS, 0.0)
-        self._retired_histograms = _new_histograms()
-        self._retired_lock = threading.Lock()
-        # What every pool, present and future, must follow: sizes (with the
-        # version that orders resizes) and the drain generation.
-        self._settings_lock = threading.Lock()
-        self._sizes = (self.config.pool_min_size, self.config.pool_max_size, 0)
-        self._generation = 0
-        preparer = self.config.database_preparer
-        self._preparer = preparer or functools.partial(
+        self._totals = Totals()
+        self._settings = _Settings(self.config)
+        preparer = self.config.database_preparer or functools.partial(
             prepare_workspace, database=self.config.database, indexes=self.config.indexes
         )
+        #: Each workspace's database, prepared once per broker.
+        self.workspaces = Preparations(preparer)
         #: What a borrower is told to do once this broker is closed.
-        self._closed_hint = "make a new Broker(config) to borrow again"
+        self.closed_hint = "make a new Broker(config) to borrow again"
         _brokers.add(self)
 
     def __repr__(self) -> str:
@@ -105,11 +121,18 @@ class Broker:
         """Give back a connection borrowed from this broker."""
         if not isinstance(connection, Connection):
             raise BrokerError(f"expected a Connection, got {type(connection).__name__}")
-        if connection._broker is not self:
+        if not connection.borrowed_from(self):
             raise BrokerError("this connection was borrowed from another broker")
         await connection.release()
 
-    def _actor_for(self, loop: asyncio.AbstractEventLoop) -> Actor:
+    async def prepare_workspace(self, driver: neo4j.AsyncDriver, workspace: str) -> str:
+        """``workspace``'s database, prepared with ``driver`` once per broker."""
+        return await self.workspaces.prepare(driver, workspace)
+
+    # -- actors ----------------------------------------------------------------
+
+    def actor_for(self, loop: asyncio.AbstractEventLoop) -> Actor:
+        """``loop``'s actor, started if it has none (call in that loop)."""
         last: weakref.ref[Actor] | None = getattr(self._last_actor, "ref", None)
         actor = last() if last is not None else None
         if actor is not None and actor.loop is loop and not actor.finished:
@@ -121,34 +144,32 @@ class Broker:
             except BrokerClosed:
                 if not self.closed:
                     raise  # this loop is ending, the broker is not closed
-                raise BrokerClosed(f"this broker is closed; {self._closed_hint}") from None
+                raise BrokerClosed(f"this broker is closed; {self.closed_hint}") from None
         self._last_actor.ref = weakref.ref(actor)
         return actor
 
+    def actor_of(self, loop: asyncio.AbstractEventLoop) -> Actor | None:
+        """``loop``'s running actor, if it has one (never starts one)."""
+        return self._registry.get(loop)
+
+    def actors(self) -> list[Actor]:
+        """Every live actor (one per loop with a pool), at this moment."""
+        return self._registry.actors()
+
     def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
-        with self._settings_lock:
-            sizes, generation = self._sizes, self._generation
+        sizes, generation = self._settings.current()
         return Actor(
             self.config,
             loop,
             loop_key(),
-            self._factory,
+            self.driver_factory,
             self._actor_stopped,
             sizes=sizes,
             generation=generation,
         )
 
     def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
-        # The counters move into the totals in one step, seen by totals() and
-        # histograms() either before or after it, never half done: what they
-        # report never goes back.
-        pool = actor.pool
-        with self._retired_lock:
-            for name in COUNTERS:
-                self._retired[name] += getattr(pool, name)
-            self._retired_histograms["borrow_wait"].add(pool.wait_histogram)
-            self._retired_histograms["hold"].add(pool.hold_histogram)
-            actor.folded = True
+        self._totals.fold(actor.pool)
         self._registry.retire(actor, loop_ended)
 
     # -- the pool of the calling loop ------------------------------------------
@@ -164,8 +185,7 @@ class Broker:
         """
         timeout = self.config.borrow_timeout if timeout is None else check_timeout(timeout)
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        await self._ask(loop, WaitReady(waiter, timeout))
+        await self.actor_for(loop).ask(WaitReady(loop.create_future(), timeout))
 
     async def check(self) -> int:
         """Verify every idle driver of this loop's pool now; return how many were discarded.
@@ -173,20 +193,34 @@ class Broker:
         Drivers that fail are closed; the pool makes new ones as it needs them.
         """
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[int] = loop.create_future()
-        discarded: int = await self._ask(loop, CheckNow(waiter))
+        discarded: int = await self.actor_for(loop).ask(CheckNow(loop.create_future()))
         return discarded
 
-    async def _ask(self, loop: asyncio.AbstractEventLoop, request: WaitReady | CheckNow) -> Any:
-        actor = self._actor_for(loop)
-        if not actor.post(request):
-            raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
-        try:
-            return await request.waiter
-        except asyncio.CancelledError:
-            if isinstance(request, WaitReady) and request.waiter.cancelled():
-                actor.post(Withdraw(request))
-            raise
+    async def close_here(self, timeout: float | None = None) -> None:
+        """Close the calling loop's pool only; a later borrow here starts a new one."""
+        timeout = self.config.close_timeout if timeout is None else timeout
+        here = asyncio.get_running_loop()
+        actor = self._registry.get(here)
+        if actor is None:
+            return
+        done: asyncio.Future[None] = here.create_future()
+        if actor.tell(Shutdown("pool closed", timeout, functools.partial(_set_once, done, None))):
+            await asyncio.wait([done], timeout=timeout + 1.0)
+
+    def pool_stats(self, loop: asyncio.AbstractEventLoop | None) -> PoolStats:
+        """``loop``'s pool as it stands; before its first borrow, zeros and the current sizes."""
+        actor = self._registry.get(loop) if loop is not None else None
+        if actor is not None:
+            return actor.snapshot()
+        sizes, generation = self._settings.current()
+        thread = threading.current_thread().name
+        # A pool that is only read never calls its effects: it needs no actor.
+        pool = Pool(
+            self.config, cast(Effects, None), "", thread, sizes=sizes, generation=generation
+        )
+        entry = pool.snapshot(time.monotonic())
+        entry["loop"] = None
+        return entry
 
     # -- every pool, from any thread -------------------------------------------
 
@@ -201,12 +235,11 @@ class Broker:
         stats show the current ones.
         """
         check_sizes(min_size, max_size)
-        with self._settings_lock:
-            version = self._sizes[2] + 1
-            self._sizes = (min_size, max_size, version)
+        version = self._settings.resize(min_size, max_size)
         if log.enabled(log.INFO):
             log.emit(log.INFO, "broker.resize", min_size=min_size, max_size=max_size)
-        self._post_all(Resize(min_size, max_size, version))
+        for actor in self._registry.actors():
+            actor.tell(Resize(min_size, max_size, version))
 
     def drain(self) -> None:
         """Replace every driver of every loop (any thread): idle ones now, the others on return.
@@ -216,57 +249,15 @@ class Broker:
         Borrowers are not disturbed: a driver in use closes only when it
         comes back, and the pool makes new ones as it needs them.
         """
-        with self._settings_lock:
-            self._generation += 1
-            generation = self._generation
+        generation = self._settings.next_generation()
         if log.enabled(log.INFO):
             log.emit(log.INFO, "broker.drain", generation=generation)
-        self._post_all(Drain(generation))
-
-    def _post_all(self, message: Message) -> None:
         for actor in self._registry.actors():
-            actor.send(message)
-
-    # -- workspaces ------------------------------------------------------------
-
-    async def _prepare(self, actor: Actor, driver: neo4j.AsyncDriver, workspace: str) -> str:
-        check_workspace(workspace)
-        while True:
-            cached = self._prepared.get(workspace)
-            if cached is not None:
-                return cached
-            running = actor.preparing.get(workspace)
-            if running is None:
-                break
-            try:
-                return await asyncio.shield(running)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not running.cancelled() or (task is not None and task.cancelling()):
-                    raise
-                # The caller that was preparing it was cancelled: try ourselves.
-        shared: asyncio.Future[str] = actor.loop.create_future()
-        actor.preparing[workspace] = shared
-        try:
-            name = await self._preparer(driver, workspace)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                shared.cancel()
-            else:
-                shared.set_exception(exc)
-                shared.exception()  # retrieved here; followers re-raise it
-            raise
-        finally:
-            actor.preparing.pop(workspace, None)
-        self._prepared[workspace] = name
-        shared.set_result(name)
-        return name
+            actor.tell(Drain(generation))
 
     # -- stats -----------------------------------------------------------------
 
-    async def stats(
-        self, timeout: float = 1.0, *, ask_others: bool = True
-    ) -> dict[str, dict[str, Any]]:
+    async def stats(self, timeout: float = 1.0, *, ask_others: bool = True) -> dict[str, PoolStats]:
         """Counters of every live loop's pool, by loop key (call inside a loop).
 
         A loop that does not answer within ``timeout`` seconds is reported
@@ -276,122 +267,86 @@ class Broker:
         never delays the answer.
         """
         here = asyncio.get_running_loop()
-        pending: dict[Actor, asyncio.Future[dict[str, Any]]] = {}
-        for actor in self._registry.actors():
-            if actor.loop is here:
-                own: asyncio.Future[dict[str, Any]] = here.create_future()
-                if actor.post(StatsRequest(functools.partial(_set_once, own))):
-                    pending[actor] = own
-            elif ask_others and actor.loop.is_running():
-                other: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-                if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, other))):
-                    pending[actor] = asyncio.wrap_future(other)
-        if pending:
-            await asyncio.wait(pending.values(), timeout=timeout)
-        return self._collect(pending, here)
+        answers = self._ask_stats(here, ask_own=True, ask_others=ask_others)
+        if answers:
+            await asyncio.wait([asyncio.wrap_future(a) for a in answers.values()], timeout=timeout)
+        return {actor.key: entry for actor, entry in self._entries(answers, here)}
 
-    def stats_sync(
-        self, timeout: float = 1.0, *, ask_others: bool = True
-    ) -> dict[str, dict[str, Any]]:
+    def stats_sync(self, timeout: float = 1.0, *, ask_others: bool = True) -> dict[str, PoolStats]:
         """:meth:`stats` for any thread, with or without a running loop.
 
         With ``ask_others=False`` no actor is asked and nothing waits.
         """
-        here = asyncio._get_running_loop()
-        pending: dict[Actor, concurrent.futures.Future[dict[str, Any]]] = {}
-        for actor in self._registry.actors():
-            if not ask_others or actor.loop is here or not actor.loop.is_running():
-                continue  # cannot answer while we hold its thread, or while parked
-            asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-            if actor.post_threadsafe(StatsRequest(functools.partial(_set_once, asked))):
-                pending[actor] = asked
-        if pending:
-            concurrent.futures.wait(pending.values(), timeout=timeout)
-        return self._collect(pending, here)
+        here = running_loop()
+        answers = self._ask_stats(here, ask_own=False, ask_others=ask_others)
+        if answers:
+            concurrent.futures.wait(answers.values(), timeout=timeout)
+        return {actor.key: entry for actor, entry in self._entries(answers, here)}
 
-    def pop_stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    def pop_stats(self, timeout: float = 1.0) -> dict[str, PoolStats]:
         """:meth:`stats_sync`, with each counter counted since the previous call (any thread).
 
         The counters of this view are reset, as in psycopg_pool; the counters
-        of :meth:`stats`, :meth:`totals` and Prometheus keep growing. A loop
-        that does not answer within ``timeout`` seconds is reported with
-        ``responsive: False`` and left as it was.
+        of :meth:`stats`, :meth:`totals` and Prometheus keep growing. Each
+        count is reported by exactly one call, whichever thread pops and
+        whenever the loop runs; what loops that ended since the previous
+        call counted is reported under the key ``"ended"``.
         """
-        here = asyncio._get_running_loop()
-        pending: dict[Actor, concurrent.futures.Future[dict[str, Any]]] = {}
-        for actor in self._registry.actors():
-            if actor.loop is here or not actor.loop.is_running():
-                continue  # read and reset below, from this thread
-            asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-            message = StatsRequest(functools.partial(_set_once, asked), pop_for=asked)
-            if actor.post_threadsafe(message):
-                pending[actor] = asked
-        if pending:
-            concurrent.futures.wait(pending.values(), timeout=timeout)
-        result: dict[str, dict[str, Any]] = {}
-        now = time.monotonic()
-        for actor in self._registry.actors():
-            answer = pending.get(actor)
-            if answer is None:
-                # Our own loop (blocked by this call) or a loop that is not
-                # running: nothing else touches its pool now.
-                entry = (
-                    actor.pop_stats_here(now) if actor.loop is here else actor.pool.pop_stats(now)
-                )
-                entry["responsive"] = True
-            elif answer.cancel():
-                entry = actor.pool.peek_stats(now)  # it never started: nothing was reset
-                entry["responsive"] = False
-            else:
-                # Answered, or the actor is resetting now: its answer is on the way.
-                entry = dict(answer.result(timeout=max(timeout, 1.0)))
-                entry["responsive"] = True
-            entry["loop_running"] = actor.loop.is_running()
-            entry["loop_id"] = str(id(actor.loop))
-            result[actor.key] = entry
-        return result
+        here = running_loop()
+        answers = self._ask_stats(here, ask_own=False, ask_others=True)
+        if answers:
+            concurrent.futures.wait(answers.values(), timeout=timeout)
+        entries = self._entries(answers, here)
+        popped = {actor.key: actor.pool.window.take(entry) for actor, entry in entries}
+        ended = self._totals.take_unpopped()
+        if ended is not None:
+            popped["ended"] = _ended_entry(ended)
+        return popped
 
-    def _collect(
-        self, answers: dict[Actor, Any], here: asyncio.AbstractEventLoop | None
-    ) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = {}
+    def _ask_stats(
+        self, here: asyncio.AbstractEventLoop | None, *, ask_own: bool, ask_others: bool
+    ) -> dict[Actor, _Answer]:
+        """Ask the actors that can answer now for a consistent snapshot."""
+        asked: dict[Actor, _Answer] = {}
+        for actor in self._registry.actors():
+            mine = actor.loop is here
+            if (mine and not ask_own) or (
+                not mine and not (ask_others and actor.loop.is_running())
+            ):
+                continue  # ours while we block it, or parked, or not to be asked
+            answer: _Answer = concurrent.futures.Future()
+            if actor.tell(StatsRequest(functools.partial(_set_once, answer))):
+                asked[actor] = answer
+        return asked
+
+    def _entries(
+        self, answers: dict[Actor, _Answer], here: asyncio.AbstractEventLoop | None
+    ) -> list[tuple[Actor, PoolStats]]:
+        """One entry per live loop: its answer, or its counters read from here."""
+        result: list[tuple[Actor, PoolStats]] = []
         for actor in self._registry.actors():
             answer = answers.get(actor)
             running = actor.loop.is_running()
             if answer is not None and answer.done() and not answer.cancelled():
-                entry = dict(answer.result())
+                entry = answer.result()
                 entry["responsive"] = True
             else:
                 # Not asked (its loop is parked, or it is ours and we block it,
                 # or we chose not to) or no answer in time: read the counters.
-                entry = actor.snapshot()
+                entry = actor.snapshot_here() if actor.loop is here else actor.snapshot()
                 entry["responsive"] = answer is None and (actor.loop is here or not running)
             entry["loop_running"] = running
             entry["loop_id"] = str(id(actor.loop))
-            result[actor.key] = entry
+            result.append((actor, entry))
         return result
 
     def totals(self) -> dict[str, int]:
         """Counters summed over every loop this broker ever served (they never go back)."""
-        with self._retired_lock:
-            sums = dict(self._retired)
-            for pool in self._unfolded_pools():
-                for name in COUNTERS:
-                    sums[name] += getattr(pool, name)
-        return {name: round(value) for name, value in sums.items()}
+        return self._totals.sums([actor.pool for actor in self._registry.entries()])
 
     def histograms(self) -> dict[str, Histogram]:
         """Borrow waits (``borrow_wait``) and hold times (``hold``), over every loop ever."""
-        with self._retired_lock:
-            sums = {name: h.copy() for name, h in self._retired_histograms.items()}
-            for pool in self._unfolded_pools():
-                sums["borrow_wait"].add(pool.wait_histogram)
-                sums["hold"].add(pool.hold_histogram)
-        return sums
-
-    def _unfolded_pools(self) -> list[Pool]:
-        """Pools whose counters are not in the retired sums yet (hold ``_retired_lock``)."""
-        return [actor.pool for actor in self._registry.entries() if not actor.folded]
+        return self._totals.histograms([actor.pool for actor in self._registry.entries()])
 
     # -- closing ---------------------------------------------------------------
 
@@ -399,25 +354,13 @@ class Broker:
         """Close every loop's pool; wait for the ones that can answer."""
         timeout = self.config.close_timeout if timeout is None else timeout
         here = asyncio.get_running_loop()
-        waits: list[asyncio.Future[None]] = []
-        for actor, done in self._shutdown_all(timeout, here):
-            if actor.loop is here or actor.loop.is_running():
-                waits.append(
-                    done if isinstance(done, asyncio.Future) else asyncio.wrap_future(done)
-                )
+        waits = [
+            asyncio.wrap_future(done)
+            for actor, done in self._shutdown_all(timeout)
+            if actor.loop is here or actor.loop.is_running()
+        ]
         if waits:
             await asyncio.wait(waits, timeout=timeout + 1.0)
-
-    async def _aclose_here(self, timeout: float | None = None) -> None:
-        """Close the calling loop's pool only; a later borrow here starts a new one."""
-        timeout = self.config.close_timeout if timeout is None else timeout
-        here = asyncio.get_running_loop()
-        actor = self._registry.get(here)
-        if actor is None:
-            return
-        done: asyncio.Future[None] = here.create_future()
-        if actor.post(Shutdown("pool closed", timeout, functools.partial(_set_once, done, None))):
-            await asyncio.wait([done], timeout=timeout + 1.0)
 
     def close(self, timeout: float | None = None) -> None:
         """Close every loop's pool from any thread.
@@ -427,48 +370,53 @@ class Broker:
         own) closes when its loop next runs, or when the loop ends.
         """
         timeout = self.config.close_timeout if timeout is None else timeout
-        here = asyncio._get_running_loop()
-        waits: list[concurrent.futures.Future[None]] = []
-        for actor, done in self._shutdown_all(timeout, here):
-            if actor.loop is not here and actor.loop.is_running():
-                assert isinstance(done, concurrent.futures.Future)
-                waits.append(done)
+        here = running_loop()
+        waits = [
+            done
+            for actor, done in self._shutdown_all(timeout)
+            if actor.loop is not here and actor.loop.is_running()
+        ]
         if waits:
             concurrent.futures.wait(waits, timeout=timeout + 1.0)
 
-    def _shutdown_all(
-        self, timeout: float, here: asyncio.AbstractEventLoop | None
-    ) -> list[tuple[Actor, asyncio.Future[None] | concurrent.futures.Future[None]]]:
+    def close_soon(self, hint: str) -> None:
+        """Stop taking borrows and close every pool, without waiting (any thread).
+
+        Later borrows are told ``hint``: what to do instead.
+        """
+        self.closed_hint = hint
+        if not self.closed:
+            self._shutdown_all(self.config.close_timeout)
+
+    def _shutdown_all(self, timeout: float) -> list[tuple[Actor, concurrent.futures.Future[None]]]:
         actors = self._registry.close()
         if log.enabled(log.INFO):
             log.emit(log.INFO, "broker.closing", loops=len(actors), timeout=timeout)
-        posted: list[tuple[Actor, asyncio.Future[None] | concurrent.futures.Future[None]]] = []
+        posted: list[tuple[Actor, concurrent.futures.Future[None]]] = []
         for actor in actors:
-            mine = here is not None and actor.loop is here
-            done: asyncio.Future[None] | concurrent.futures.Future[None]
-            done = (
-                here.create_future() if here is not None and mine else concurrent.futures.Future()
-            )
-            message = Shutdown("broker closed", timeout, functools.partial(_set_once, done, None))
-            if actor.send(message):
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            if actor.tell(Shutdown("broker closed", timeout, functools.partial(_set_once, done))):
                 posted.append((actor, done))
         return posted
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's pools without touching them."""
         # The parent's loops, drivers and sockets are not ours to use or close
         # (nor to let the collector close), and its counters are not this process's.
         actors = self._registry.forget_all()
         self._last_actor = threading.local()
         inherited.keep(actors)
         inherited.detach(actor.loop for actor in actors)
-        self._retired_lock = threading.Lock()
-        self._retired = dict.fromkeys(COUNTERS, 0.0)
-        self._retired_histograms = _new_histograms()
-        self._settings_lock = threading.Lock()
+        self._totals = Totals()
+        self._settings.lock = threading.Lock()
 
 
-def _new_histograms() -> dict[str, Histogram]:
-    return {"borrow_wait": Histogram(WAIT_BUCKETS), "hold": Histogram(HOLD_BUCKETS)}
+def _ended_entry(counts: dict[str, int]) -> PoolStats:
+    entry: dict[str, Any] = dict.fromkeys(
+        ("available", "in_use", "creating", "checking", "closing", "total", "waiting"), 0
+    )
+    entry.update(counts, loop="ended", thread="", state="stopped", wait_max_ms=0)
+    return entry  # type: ignore[return-value]
 
 
 def _set_once(
@@ -487,7 +435,7 @@ _brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
 
 def _reset_after_fork() -> None:
     for broker in list(_brokers):
-        broker._after_fork()
+        broker.after_fork()
 
 
 if hasattr(os, "register_at_fork"):

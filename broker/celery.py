@@ -67,7 +67,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from broker import celery_asyncio, default, log, runner
 from broker.config import Neo4jConnectionConfig
-from broker.pool import describe
+from broker.errors import describe
 
 __all__ = ["TASK_CONTEXT_KEYS", "check_ready", "close_pools", "disconnect", "setup", "task"]
 
@@ -239,8 +239,9 @@ def _configure_once() -> None:
     with _lock:
         if _configured_pid != pid:
             config = _config
-            if config is None and default._default is not None:
-                config = default._default.config  # made by the app, or inherited
+            made = default.current()  # by the app, or inherited
+            if config is None and made is not None:
+                config = made.config
             default.configure(config)
             _configured_pid = pid
 

@@ -107,6 +107,7 @@ class AsyncioPool(thread.TaskPool):  # type: ignore[misc]
             current.stop()
 
     def _get_info(self) -> dict[str, Any]:
+        # Celery's own hook for a pool's part of `inspect stats`.
         info: dict[str, Any] = super()._get_info()
         current = _current
         info["event-loop"] = str(id(current.loop)) if current is not None else None

@@ -25,23 +25,21 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
+from typing import Any, ClassVar, Self
 
 from neo4j import AsyncDriver
 
 from broker import default, log
+from broker.asyncio_internals import running_loop
+from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.errors import BrokerError
-from broker.pool import Effects, Pool
+from broker.stats import PoolStats
 from broker.workspace import check_workspace
-
-if TYPE_CHECKING:
-    from broker.broker import Broker
 
 __all__ = [
     "BorrowedConnection",
@@ -61,7 +59,7 @@ def _loop_id(loop: asyncio.AbstractEventLoop) -> str:
     return str(id(loop))
 
 
-def _by_loop_id(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _by_loop_id(stats: Mapping[str, PoolStats]) -> dict[str, PoolStats]:
     """Stats entries keyed by ``str(id(loop))``; each keeps its readable ``loop`` key."""
     return {str(entry["loop_id"]): entry for entry in stats.values()}
 
@@ -92,7 +90,7 @@ class PooledConnectionManager(Connection):
     must be the default broker's.
     """
 
-    __slots__ = ("pool",)
+    __slots__ = ("_config", "pool")
 
     def __init__(
         self,
@@ -103,16 +101,17 @@ class PooledConnectionManager(Connection):
         current = default.get_broker()
         _check_config(config, current.config)
         super().__init__(current, timeout)
+        self._config = current.config
         self.pool = pool
 
     @property
     def config(self) -> Neo4jConnectionConfig:
-        return self._broker.config
+        return self._config
 
     @property
     def is_in_use(self) -> bool:
         """True while the driver is borrowed."""
-        return self._pooled is not None
+        return self.borrowed
 
     async def get_driver(self) -> AsyncDriver:
         await self._borrow_on_first_use()
@@ -123,12 +122,12 @@ class PooledConnectionManager(Connection):
         return await super().prepare_database(workspace)
 
     async def _borrow_on_first_use(self) -> None:
-        if self._pooled is not None or self.released:
+        if self.borrowed or self.released:
             return  # borrowed, or given back (then ``driver`` says so)
         if self.pool is None:
             self.pool = EventLoopConnectionPool()
-        self.pool._check_loop()
-        await self._acquire()
+        self.pool.check_loop()
+        await self
 
     async def close(self) -> None:
         """Give the driver back to its pool."""
@@ -161,7 +160,8 @@ class EventLoopConnectionPool:
     def config(self) -> Neo4jConnectionConfig:
         return default.get_broker().config
 
-    def _check_loop(self) -> asyncio.AbstractEventLoop:
+    def check_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, which must be this pool's."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop():
             raise BrokerError(
@@ -172,7 +172,7 @@ class EventLoopConnectionPool:
 
     async def borrow_connection(self) -> PooledConnectionManager:
         """A driver of this loop's pool; give it back with :meth:`return_connection`."""
-        self._check_loop()
+        self.check_loop()
         return await PooledConnectionManager(pool=self)
 
     async def return_connection(self, connection: Connection) -> None:
@@ -180,50 +180,35 @@ class EventLoopConnectionPool:
 
     async def close_all(self) -> None:
         """Close this loop's pool; the next borrow in this loop starts a new one."""
-        self._check_loop()
-        await default.get_broker()._aclose_here()
+        self.check_loop()
+        await default.get_broker().close_here()
 
     @property
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """This loop's counters as they stand (``available``, ``in_use``, ``total`` ...).
 
         Before the loop's first borrow the keys are the same, with zeros,
         the current sizes and ``loop`` None (the pool gets its name when it
         starts); ``loop_id`` names the loop either way.
         """
-        current = default.get_broker()
-        loop = self._loop()
-        actor = current._registry.get(loop) if loop is not None else None
-        entry = actor.snapshot() if actor is not None else _no_pool_yet(current)
+        entry = default.get_broker().pool_stats(self._loop())
         entry["loop_id"] = self.loop_id
         return entry
 
-    async def get_stats(self) -> dict[str, Any]:
+    async def get_stats(self) -> PoolStats:
         """This loop's counters once its pool has handled what was sent to it so far.
 
         Before the loop's first borrow: the keys of :meth:`Broker.stats`
         entries, with zeros, as :attr:`stats` gives them.
         """
-        loop = self._check_loop()
+        loop = self.check_loop()
         current = default.get_broker()
         entry = _by_loop_id(await current.stats(ask_others=False)).get(_loop_id(loop))
         if entry is None:
-            entry = _no_pool_yet(current)
-            entry.update(responsive=True, loop_running=True, loop_id=_loop_id(loop))
+            entry = current.pool_stats(None)
+            entry["responsive"] = entry["loop_running"] = True
+            entry["loop_id"] = _loop_id(loop)
         return entry
-
-
-def _no_pool_yet(current: Broker) -> dict[str, Any]:
-    """The stats of a loop whose pool has not started: zeros, the broker's current sizes."""
-    with current._settings_lock:
-        sizes, generation = current._sizes, current._generation
-    thread = threading.current_thread().name
-    # A pool that is only read never calls its effects: it needs no actor.
-    no_actor = cast(Effects, None)
-    pool = Pool(current.config, no_actor, "", thread, sizes=sizes, generation=generation)
-    entry = pool.snapshot(time.monotonic())
-    entry["loop"] = None
-    return entry
 
 
 #: The name this module gave :class:`EventLoopConnectionPool` before.
@@ -294,7 +279,7 @@ class GlobalNeo4jConnectionPool:
         await current.aclose()
         _reopen(current)
 
-    def get_all_stats(self) -> dict[str, dict[str, Any]]:
+    def get_all_stats(self) -> dict[str, PoolStats]:
         """Every live loop's counters as they stand, by ``str(id(loop))``; never waits."""
         return _by_loop_id(default.get_broker().stats_sync(ask_others=False))
 
@@ -318,7 +303,7 @@ class BorrowedConnection(Connection):
     @property
     def connection(self) -> BorrowedConnection | None:
         """The borrowed connection while it is held (itself), else None."""
-        return self if self._pooled is not None else None
+        return self if self.borrowed else None
 
 
 class Neo4jConnectionManager:
@@ -338,7 +323,7 @@ class Neo4jConnectionManager:
         """The manager's driver, made and verified on first use."""
         loop = asyncio.get_running_loop()
         if self._driver is None:
-            driver = default.get_broker()._factory(self.config)
+            driver = default.get_broker().driver_factory(self.config)
             try:
                 await driver.verify_connectivity()
             except BaseException:
@@ -382,7 +367,7 @@ class Neo4jConnectionManager:
     async def prepare_database(driver: AsyncDriver, workspace: str) -> str:
         """Prepare ``workspace`` with ``driver`` as the default broker does; return its database."""
         check_workspace(workspace)
-        return await default.get_broker()._preparer(driver, workspace)
+        return await default.get_broker().workspaces.preparer(driver, workspace)
 
 
 class Neo4jConnectionFactory:
@@ -398,7 +383,7 @@ class Neo4jConnectionFactory:
         return BorrowedConnection(cls.get_global_pool())
 
     @classmethod
-    async def get_pool_stats(cls) -> dict[str, dict[str, Any]]:
+    async def get_pool_stats(cls) -> dict[str, PoolStats]:
         """Every live loop's counters by ``str(id(loop))``: ``available``, ``in_use``,
         ``total``, ``max_size`` and more, with the readable key as ``loop``.
 
@@ -437,7 +422,7 @@ def cleanup_worker_neo4j_config(**kwargs: Any) -> None:
     ``broker.celery.close_pools()`` does. Inside a running loop the closing
     is scheduled there, as in the seed. Later borrows make new pools.
     """
-    loop = asyncio._get_running_loop()
+    loop = running_loop()
     if loop is not None:
         task = loop.create_task(cleanup_worker_neo4j_config_async(**kwargs))
         _cleanups.add(task)
@@ -452,5 +437,5 @@ def cleanup_worker_neo4j_config(**kwargs: Any) -> None:
 
 def _reopen(closed: Broker) -> None:
     """A fresh default broker like ``closed``, unless another was configured meanwhile."""
-    if default._default is closed:
-        default.configure(closed.config, driver_factory=closed._factory)
+    if default.current() is closed:
+        default.configure(closed.config, driver_factory=closed.driver_factory)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import neo4j
 from neo4j.auth_management import AsyncAuthManager
 
+from broker.uri import check_port, redact_uri, split_userinfo
+
 if TYPE_CHECKING:
     from neo4j import AsyncDriver
 
@@ -110,33 +112,6 @@ def _env_value(name: str, environ: Mapping[str, str]) -> Any:
     raw = environ.get(_ENV_PREFIX + name.upper())
     value = _BUILT_IN[name] if raw is None or raw == "" else _parse_env(name, raw)
     return _NotGiven(value) if name in _CREDENTIALS else value
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without any user or password it may carry.
-
-    Works on the text itself, not on a parse of it: a password holding an
-    unencoded ``/``, ``?`` or ``#`` cuts a parsed URI before its ``@``.
-    Everything between ``://`` (or the start) and the last ``@`` is hidden,
-    so a secret never shows, even if an ``@`` in a query hides more.
-    """
-    userinfo, at, rest = uri.rpartition("@")
-    if not at:
-        return uri
-    start = userinfo.find("://")
-    return (userinfo[: start + 3] if start >= 0 else "") + "***@" + rest
-
-
-def _split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
-    """Split ``scheme://user:pass@host`` into the bare URI and its credentials."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri, None, None
-    netloc = parts.netloc.rpartition("@")[2]
-    bare = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    user = urllib.parse.unquote(parts.username) if parts.username is not None else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-    return bare, user, password
 
 
 @dataclass(frozen=True, repr=False)
@@ -242,6 +217,15 @@ class Neo4jConnectionConfig:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ValueError(f"{name} must be a callable or None, got {type(value).__name__}")
+        self._check_durations()
+        if self.database is not None and (not isinstance(self.database, str) or not self.database):
+            raise ValueError("database must be a non-empty string or None")
+        object.__setattr__(self, "indexes", _check_indexes(self.indexes))
+        if self.database_preparer is not None and not callable(self.database_preparer):
+            raise ValueError("database_preparer must be an async callable (driver, workspace)")
+        self._check_driver_options()
+
+    def _check_durations(self) -> None:
         for name in (
             "connection_timeout",
             "connection_acquisition_timeout",
@@ -255,11 +239,8 @@ class Neo4jConnectionConfig:
         _check_duration("max_lifetime", self.max_lifetime, True, False)
         _check_duration("max_idle_time", self.max_idle_time, True, False)
         _check_duration("reconnect_timeout", self.reconnect_timeout, True, False)
-        if self.database is not None and (not isinstance(self.database, str) or not self.database):
-            raise ValueError("database must be a non-empty string or None")
-        object.__setattr__(self, "indexes", _check_indexes(self.indexes))
-        if self.database_preparer is not None and not callable(self.database_preparer):
-            raise ValueError("database_preparer must be an async callable (driver, workspace)")
+
+    def _check_driver_options(self) -> None:
         if not isinstance(self.driver_options, Mapping):
             raise ValueError("driver_options must be a mapping of driver settings")
         if "auth" in self.driver_options:
@@ -293,7 +274,7 @@ class Neo4jConnectionConfig:
                 "scheme://user:password@host:port with any '/', '?' or '#' in them "
                 "percent-encoded (%2F, %3F, %23), or pass username= and password= instead"
             )
-        _check_port(shown_parts, shown)
+        check_port(shown_parts, shown)
         scheme = shown_parts.scheme.lower()
         if scheme not in SUPPORTED_SCHEMES:
             raise ValueError(
@@ -302,7 +283,7 @@ class Neo4jConnectionConfig:
             )
         if not shown_parts.hostname:
             raise ValueError(f"uri {shown!r} names no host")
-        bare, user, password = _split_userinfo(self.uri)
+        bare, user, password = split_userinfo(self.uri)
         if bare != self.uri:
             object.__setattr__(self, "uri", bare)
             if isinstance(self.password, _NotGiven) or not self.password:
@@ -388,24 +369,6 @@ class Neo4jConnectionConfig:
         values = {name: _env_value(name, env) for name in _BUILT_IN if name not in overrides}
         values.update(overrides)
         return cls(**values)
-
-
-def _check_port(parts: urllib.parse.SplitResult, shown: str) -> None:
-    """A port that is not a number from 1 to 65535 is named as such.
-
-    ``parts`` and ``shown`` are of the redacted URI, so nothing from a
-    password can be taken for the port and echoed.
-    """
-    hostport = parts.netloc.rpartition("@")[2]
-    text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
-    _, colon, port = text.rpartition(":")
-    if not colon or not port:
-        return
-    where = f"in uri {shown!r}"
-    if not port.isascii() or not port.isdigit():
-        raise ValueError(f"port {port!r} {where} is not a number")
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {int(port)} {where} is out of range (1-65535)")
 
 
 _INT_FIELDS = frozenset(

@@ -1,78 +1,42 @@
-"""The pooled unit (one ``AsyncDriver``) and the handle a borrower holds.
+"""The handle a borrower holds: :class:`Connection`.
 
 A :class:`Connection` is what ``broker.borrow()`` returns. It is awaitable and
 an async context manager, and it gives exclusive use of one driver from the
-current loop's pool until it is released.
+current loop's pool until it is released. It keeps only its claim, its state
+and its finalizer; the request protocol itself is the actor's
+(:meth:`broker.actor.Actor.borrow`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import itertools
 import threading
 import time
 from collections.abc import Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import Any, Protocol, Self
 
-import neo4j.exceptions
 from neo4j import AsyncDriver
 
 from broker import log
-from broker.config import check_timeout
-from broker.errors import BrokerClosed, BrokerError
-from broker.messages import Borrow, Return, Withdraw
+from broker.actor import Actor
+from broker.asyncio_internals import running_loop
+from broker.config import Neo4jConnectionConfig, check_timeout
+from broker.errors import BrokerError
+from broker.pooled import PooledDriver, is_connection_error
 
-if TYPE_CHECKING:
-    from broker.actor import Actor
-    from broker.broker import Broker
-
-__all__ = ["CONNECTION_ERRORS", "Connection", "PooledDriver"]
-
-#: Errors after which a returned driver is checked before it is used again
-#: (a timeout may have cut a query short on a connection that no longer answers).
-CONNECTION_ERRORS: Final = (
-    neo4j.exceptions.ServiceUnavailable,
-    neo4j.exceptions.SessionExpired,
-    TimeoutError,
-)
-
-_driver_ids = itertools.count(1)
+__all__ = ["Connection", "Lender"]
 
 
-class PooledDriver:
-    """One ``neo4j.AsyncDriver`` and what the pool knows about it."""
+class Lender(Protocol):
+    """Where a handle borrows from: a :class:`~broker.Broker`."""
 
-    __slots__ = ("borrows", "created_at", "driver", "generation", "id", "last_checked", "last_used")
+    @property
+    def config(self) -> Neo4jConnectionConfig: ...
 
-    def __init__(self, driver: AsyncDriver, now: float, generation: int = 0) -> None:
-        self.driver = driver
-        self.id = next(_driver_ids)
-        self.created_at = now
-        self.last_used = now
-        self.last_checked = now
-        #: How many times it was handed out (for ``max_borrows``).
-        self.borrows = 0
-        #: The pool's drain generation when it was made: older ones are replaced.
-        self.generation = generation
+    def actor_for(self, loop: asyncio.AbstractEventLoop) -> Actor: ...
 
-    def has_expired(self, now: float, max_lifetime: float | None) -> bool:
-        """Older than ``max_lifetime``: close it rather than reuse it."""
-        return max_lifetime is not None and now - self.created_at >= max_lifetime
-
-    def is_idle_for(self, now: float, max_idle_time: float | None) -> bool:
-        """Unused for longer than ``max_idle_time``."""
-        return max_idle_time is not None and now - self.last_used >= max_idle_time
-
-    def needs_check(self, now: float, interval: float | None) -> bool:
-        """Idle long enough that it should be verified before it is handed out."""
-        if interval is None:
-            return False
-        return now - max(self.last_used, self.last_checked) > interval
-
-    def __repr__(self) -> str:
-        return f"<PooledDriver #{self.id}>"
+    async def prepare_workspace(self, driver: AsyncDriver, workspace: str) -> str: ...
 
 
 _NEW, _BORROWING, _HELD, _RELEASED = "new", "borrowing", "held", "released"
@@ -107,16 +71,16 @@ class Connection:
         "_borrow_claim",
         "_borrowed_at",
         "_broken",
-        "_broker",
+        "_lender",
         "_pooled",
         "_release_claim",
         "_state",
         "_timeout",
     )
 
-    def __init__(self, broker: Broker, timeout: float | None = None) -> None:
+    def __init__(self, lender: Lender, timeout: float | None = None) -> None:
         self._state = _NEW
-        self._broker = broker
+        self._lender = lender
         self._timeout = None if timeout is None else check_timeout(timeout)
         self._borrow_claim = threading.Lock()
         self._release_claim = threading.Lock()
@@ -136,7 +100,7 @@ class Connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and _is_connection_error(exc):
+        if exc is not None and is_connection_error(exc):
             self._broken = True
         self._release()
 
@@ -148,60 +112,41 @@ class Connection:
 
     async def _acquire(self) -> Self:
         if not self._borrow_claim.acquire(blocking=False):
-            if self._state is _BORROWING:
-                raise BrokerError(
-                    "this handle is being borrowed by another task; call borrow() again "
-                    "for a driver of your own"
-                )
-            raise BrokerError("this handle has already borrowed once; call borrow() again")
+            raise BrokerError(self._claimed())
         self._state = _BORROWING
         try:
-            # One coroutine for the claim and the borrow: this is every borrow's path.
-            broker = self._broker
-            loop = asyncio._get_running_loop()
+            loop = running_loop()
             if loop is None:
                 raise BrokerError(_SYNC_MISUSE)
-            actor = broker._actor_for(loop)
-            timeout = broker.config.borrow_timeout if self._timeout is None else self._timeout
-            waiter: asyncio.Future[PooledDriver] = loop.create_future()
-            task = asyncio.current_task(loop)
-            request = Borrow(waiter, timeout, task, contextvars.copy_context())
+            lender = self._lender
+            actor = lender.actor_for(loop)
+            timeout = lender.config.borrow_timeout if self._timeout is None else self._timeout
             started = time.monotonic()
-            if not actor.post(request):
-                raise BrokerClosed(f"the pool of loop {actor.key} has stopped")
-            try:
-                pooled = await waiter
-            except BaseException:
-                # Also a GeneratorExit from the collector closing this coroutine:
-                # posting never waits on a lock (Actor.post).
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    # Handed to us just as we were cancelled: give it straight back.
-                    actor.post(Return(waiter.result()))
-                elif waiter.cancelled():
-                    actor.post(Withdraw(request))
-                raise
+            pooled = await actor.borrow(timeout)
         except BaseException:
             if self._state is _BORROWING:  # nothing borrowed: the handle may try again
                 self._state = _NEW
                 self._borrow_claim.release()
             raise
-        now = time.monotonic()
         self._actor = actor
         self._pooled = pooled
-        self._borrowed_at = now
+        self._borrowed_at = now = time.monotonic()
         self._state = _HELD
         if log.enabled(log.DEBUG):
-            log.emit(
-                log.DEBUG,
-                "borrow",
-                driver=pooled.id,
-                wait_ms=round((now - started) * 1000, 3),
-                **actor.log_fields(),
-            )
+            waited = round((now - started) * 1000, 3)
+            log.emit(log.DEBUG, "borrow", driver=pooled.id, wait_ms=waited, **actor.log_fields())
         return self
 
     # ``async with`` runs the borrow's coroutine itself, not one that awaits it.
     __aenter__ = _acquire
+
+    def _claimed(self) -> str:
+        if self._state is _BORROWING:
+            return (
+                "this handle is being borrowed by another task; call borrow() again "
+                "for a driver of your own"
+            )
+        return "this handle has already borrowed once; call borrow() again"
 
     # -- using -------------------------------------------------------------
 
@@ -220,17 +165,14 @@ class Connection:
     @property
     def database(self) -> str | None:
         """The configured default database, or None for the server's default."""
-        return self._broker.config.database
+        return self._lender.config.database
 
     async def prepare_database(self, workspace: str) -> str:
         """Prepare ``workspace``'s database once per broker; return its name.
 
         Pass the name as ``database_=`` to the driver's queries.
         """
-        driver = self.driver
-        actor = self._actor
-        assert actor is not None
-        return await self._broker._prepare(actor, driver, workspace)
+        return await self._lender.prepare_workspace(self.driver, workspace)
 
     def mark_broken(self) -> None:
         """Have the driver checked when it comes back (after a connection error)."""
@@ -240,6 +182,20 @@ class Connection:
     def released(self) -> bool:
         """True once the handle has been released."""
         return self._state is _RELEASED
+
+    @property
+    def borrowed(self) -> bool:
+        """True while the handle holds a driver."""
+        return self._pooled is not None and self._state is _HELD
+
+    @property
+    def pooled(self) -> PooledDriver | None:
+        """The pooled driver while it is held (its id names it in the logs)."""
+        return self._pooled
+
+    def borrowed_from(self, lender: object) -> bool:
+        """Whether this handle borrows from ``lender``."""
+        return self._lender is lender
 
     # -- returning ---------------------------------------------------------
 
@@ -261,7 +217,7 @@ class Connection:
         pooled, actor = self._pooled, self._actor
         assert pooled is not None and actor is not None
         self._pooled = None
-        delivered = actor.send(Return(pooled, self._broken))
+        delivered = actor.give_back(pooled, self._broken)
         if log.enabled(log.DEBUG):
             log.emit(
                 log.DEBUG,
@@ -286,17 +242,10 @@ class Connection:
             try:
                 self._state = _RELEASED
                 if self._pooled is not None and self._actor is not None:
-                    self._actor.post_soon(Return(self._pooled, self._broken))
+                    self._actor.give_back_soon(self._pooled, self._broken)
             except Exception:  # noqa: S110 - nothing may escape a finalizer
                 pass
 
     def __repr__(self) -> str:
         pooled = f" driver #{self._pooled.id}" if self._pooled is not None else ""
         return f"<Connection {self._state}{pooled}>"
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """A connection-level error, also inside an exception group (a ``TaskGroup``)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_is_connection_error(inner) for inner in exc.exceptions)
-    return isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerError)

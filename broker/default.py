@@ -7,15 +7,14 @@ closes the old one, each of its pools in its own loop.
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from typing import Any
 
 from broker import runner
-from broker.actor import DriverFactory
 from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
+from broker.jobs import DriverFactory
+from broker.stats import PoolStats
 
 __all__ = [
     "aclose",
@@ -24,6 +23,7 @@ __all__ = [
     "close",
     "close_process_pools",
     "configure",
+    "current",
     "drain",
     "get_broker",
     "pop_stats",
@@ -52,14 +52,24 @@ def configure(
     """
     global _default
     new = Broker(config, driver_factory=driver_factory)
-    new._closed_hint = _DEFAULT_CLOSED
+    new.closed_hint = _DEFAULT_CLOSED
     with _lock:
         old, _default = _default, new
     if old is not None:
-        old._closed_hint = _REPLACED
-    if old is not None and not old.closed:
-        old._shutdown_all(old.config.close_timeout, asyncio._get_running_loop())
+        old.close_soon(_REPLACED)
     return new
+
+
+def current() -> Broker | None:
+    """The default broker if there is one now (never makes one)."""
+    return _default
+
+
+def reset() -> None:
+    """Forget the default broker without closing it (for tests that close it themselves)."""
+    global _default
+    with _lock:
+        _default = None
 
 
 def get_broker() -> Broker:
@@ -70,7 +80,7 @@ def get_broker() -> Broker:
         with _lock:
             if _default is None:
                 _default = Broker()
-                _default._closed_hint = _DEFAULT_CLOSED
+                _default.closed_hint = _DEFAULT_CLOSED
             current = _default
     return current
 
@@ -85,12 +95,12 @@ async def release(connection: Connection) -> None:
     await get_broker().release(connection)
 
 
-async def stats(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+async def stats(timeout: float = 1.0) -> dict[str, PoolStats]:
     """Per-loop counters of the default broker (inside a loop)."""
     return await get_broker().stats(timeout)
 
 
-def stats_sync(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+def stats_sync(timeout: float = 1.0) -> dict[str, PoolStats]:
     """Per-loop counters of the default broker, from any thread."""
     return get_broker().stats_sync(timeout)
 
@@ -100,7 +110,7 @@ def totals() -> dict[str, int]:
     return get_broker().totals()
 
 
-def pop_stats(timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+def pop_stats(timeout: float = 1.0) -> dict[str, PoolStats]:
     """Per-loop counters of the default broker since the previous call, then reset them."""
     return get_broker().pop_stats(timeout)
 

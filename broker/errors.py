@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["BorrowTimeout", "BrokerClosed", "BrokerError", "TooManyWaiters"]
+__all__ = ["BorrowTimeout", "BrokerClosed", "BrokerError", "TooManyWaiters", "describe"]
 
 
 class BrokerError(Exception):
@@ -66,3 +66,29 @@ class TooManyWaiters(BrokerError):
 
 class BrokerClosed(BrokerError):
     """The broker, or this loop's pool, was closed and takes no more borrows."""
+
+
+def describe(error: BaseException | None) -> str:
+    """An error as ``Type: message`` for logs and reports, with its root cause.
+
+    The driver often wraps the real reason (a refused certificate, a reset
+    socket) in a general one such as "Unable to retrieve routing information".
+    """
+    if error is None:
+        return "none"
+    shown = _one_line(error)
+    root, seen = error, {id(error)}
+    while True:
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        root = inner
+    if root is not error and str(root) not in str(error):
+        shown += f" (caused by {_one_line(root)})"
+    return shown
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

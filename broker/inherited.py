@@ -28,10 +28,10 @@ import contextlib
 import os
 import select
 import socket
-import threading
-from asyncio import selector_events
 from collections.abc import Iterable
 from typing import Any
+
+from broker.asyncio_internals import kernel_handles, started_inside
 
 __all__ = ["detach", "keep"]
 
@@ -58,11 +58,11 @@ def detach(loops: Iterable[asyncio.AbstractEventLoop | None]) -> None:
     pollers: set[int] = set()
     sockets: set[int] = set()
     for loop in loops:
-        if getattr(loop, "_thread_id", None) == threading.get_ident():
+        if started_inside(loop):
             continue  # forked from inside this very loop: the child is still running it
-        if isinstance(loop, selector_events.BaseSelectorEventLoop):
-            with contextlib.suppress(Exception):
-                _handles_of(loop, pollers, sockets)
+        found_pollers, found_sockets = kernel_handles(loop)
+        pollers |= found_pollers
+        sockets |= found_sockets
     if not pollers and not sockets:
         return
     # A socket whose peer is gone: writes fail (EPIPE), reads see end of file.
@@ -81,25 +81,3 @@ def detach(loops: Iterable[asyncio.AbstractEventLoop | None]) -> None:
         dead.close()
         if poller is not None:
             poller.close()
-
-
-def _handles_of(
-    loop: selector_events.BaseSelectorEventLoop, pollers: set[int], sockets: set[int]
-) -> None:
-    selector: Any = getattr(loop, "_selector", None)
-    if selector is None:
-        return  # closed
-    kernel_poller = getattr(selector, "_selector", None)
-    if hasattr(select, "epoll") and isinstance(kernel_poller, select.epoll):
-        pollers.add(kernel_poller.fileno())
-    for name in ("_ssock", "_csock"):  # the loop's wake-up socket pair
-        wake: socket.socket | None = getattr(loop, name, None)
-        if wake is not None and wake.fileno() >= 0:
-            sockets.add(wake.fileno())
-    # Sockets of the loop's own transports (the drivers' connections); a
-    # descriptor registered by other code (add_reader) is left alone.
-    for key in selector.get_map().values():
-        for handle in key.data or ():
-            owner = getattr(getattr(handle, "_callback", None), "__self__", None)
-            if isinstance(owner, selector_events._SelectorTransport):  # type: ignore[attr-defined]
-                sockets.add(key.fd)

@@ -18,12 +18,9 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from broker.asyncio_internals import shutting_down
+
 __all__ = ["end_with_loop", "shutting_down"]
-
-
-def shutting_down(loop: asyncio.AbstractEventLoop) -> bool:
-    """True once ``loop`` has begun its last step (``shutdown_asyncgens``); never on uvloop."""
-    return bool(getattr(loop, "_asyncgens_shutdown_called", False))
 
 
 def end_with_loop(task: asyncio.Task[Any]) -> None:

@@ -15,14 +15,13 @@ cancels.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from broker.connection import PooledDriver
+from broker.pooled import PooledDriver
+from broker.stats import PoolStats
 
 __all__ = [
     "Borrow",
@@ -146,14 +145,9 @@ class Closed:
 
 @dataclass(slots=True, eq=False)
 class StatsRequest:
-    """Someone wants the pool's counters; ``reply`` may be called from any thread.
+    """Someone wants the pool's counters; ``reply`` may be called from any thread."""
 
-    With ``pop_for``, the counters are also reset (``broker.pop_stats()``),
-    unless that future was cancelled: its asker has given up.
-    """
-
-    reply: Callable[[dict[str, Any]], None]
-    pop_for: concurrent.futures.Future[Any] | None = None
+    reply: Callable[[PoolStats], None]
 
 
 @dataclass(slots=True, eq=False)

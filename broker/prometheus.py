@@ -62,62 +62,15 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from broker import default
 from broker.broker import Broker
+from broker.stats import COUNTER_SPECS, GAUGES, CounterSpec
 
 __all__ = ["BrokerCollector", "register"]
 
 _LABELS = ("loop", "thread")
 
-# stats key -> (metric name without the namespace, help)
-_GAUGES = {
-    "available": ("pool_available", "Idle drivers ready to be borrowed"),
-    "in_use": ("pool_in_use", "Drivers borrowed now"),
-    "creating": ("pool_creating", "Drivers being created"),
-    "checking": ("pool_checking", "Drivers being health-checked"),
-    "closing": ("pool_closing", "Drivers being closed"),
-    "total": ("pool_drivers", "Drivers the pool holds (idle, in use, being created or checked)"),
-    "waiting": ("pool_waiting", "Borrowers waiting for a driver"),
-    "max_size": ("pool_max_size", "Most drivers the pool may hold"),
-    "min_size": ("pool_min_size", "Drivers the pool keeps even when idle"),
-}
-_COUNTERS = {
-    "borrows": ("pool_borrows", "Borrows served"),
-    "timeouts": ("pool_timeouts", "Borrows that timed out"),
-    "cancellations": ("pool_cancellations", "Borrows cancelled while waiting"),
-    "errors": ("pool_errors", "Drivers that could not be created"),
-    "created": ("pool_drivers_created", "Drivers created"),
-    "closed": ("pool_drivers_closed", "Drivers closed"),
-    "discarded": ("pool_drivers_discarded", "Drivers discarded after a failed check"),
-    "rejected": ("pool_rejected", "Borrows refused at once by max_waiting"),
-    "requests_queued": ("pool_requests_queued", "Borrows that had to wait"),
-    "connect_errors": ("pool_connect_errors", "Connection attempts that failed"),
-    "returns_bad": ("pool_returns_bad", "Drivers returned after a connection error"),
-    "drivers_lost": ("pool_drivers_lost", "Drivers that failed a check"),
-    "hook_errors": ("pool_hook_errors", "on_create and on_return calls that failed"),
-}
-# stats key (milliseconds) -> (metric name, help); exported in seconds.
-_SECONDS = {
-    "wait_ms": ("pool_wait_seconds", "Time borrows spent waiting for a driver"),
-    "usage_ms": ("pool_usage_seconds", "Time drivers were held by borrowers"),
-    "connect_ms": ("pool_connect_seconds", "Time spent connecting new drivers"),
-}
 _HISTOGRAMS = {
     "borrow_wait": ("borrow_wait_seconds", "How long each borrow waited for its driver"),
     "hold": ("hold_seconds", "How long each borrowed driver was held"),
-}
-_TOTALS = {
-    "borrows": ("borrows", "Borrows served, over every loop"),
-    "timeouts": ("timeouts", "Borrows that timed out, over every loop"),
-    "cancellations": ("cancellations", "Borrows cancelled while waiting, over every loop"),
-    "errors": ("errors", "Drivers that could not be created, over every loop"),
-    "created": ("drivers_created", "Drivers created, over every loop"),
-    "closed": ("drivers_closed", "Drivers closed, over every loop"),
-    "discarded": ("drivers_discarded", "Drivers discarded, over every loop"),
-    "rejected": ("rejected", "Borrows refused by max_waiting, over every loop"),
-    "requests_queued": ("requests_queued", "Borrows that had to wait, over every loop"),
-    "connect_errors": ("connect_errors", "Failed connection attempts, over every loop"),
-    "returns_bad": ("returns_bad", "Drivers returned after a connection error, over every loop"),
-    "drivers_lost": ("drivers_lost", "Drivers that failed a check, over every loop"),
-    "hook_errors": ("hook_errors", "Hook calls that failed, over every loop"),
 }
 
 
@@ -150,15 +103,17 @@ class BrokerCollector:
         families = self._families()
         for entry in stats.values():
             labels = [str(entry.get("loop", "")), str(entry.get("thread", ""))]
-            for key in (*_GAUGES, *_COUNTERS):
-                families[key].add_metric(labels, float(entry.get(key, 0)))
-            for key in _SECONDS:
-                families[key].add_metric(labels, float(entry.get(key, 0)) / 1000)
+            for key in GAUGES:
+                families[key].add_metric(labels, float(entry.get(key, 0)))  # type: ignore[arg-type]
+            for spec in COUNTER_SPECS:
+                value = float(entry.get(spec.name, 0))  # type: ignore[arg-type]
+                families[spec.name].add_metric(labels, _in_unit(value, spec))
             for flag in ("responsive", "loop_running"):
                 families[flag].add_metric(labels, 1.0 if entry.get(flag) else 0.0)
         totals = source.totals()
-        for key in _TOTALS:
-            families[f"all_{key}"].add_metric([], float(totals.get(key, 0)))
+        for spec in COUNTER_SPECS:
+            value = float(totals.get(spec.name, 0))
+            families[f"all_{spec.name}"].add_metric([], _in_unit(value, spec))
         families["loops"].add_metric([], float(len(stats)))
         for key, histogram in source.histograms().items():
             buckets = [(_le(bound), float(count)) for bound, count in histogram.cumulative()]
@@ -168,12 +123,12 @@ class BrokerCollector:
     def _families(self) -> dict[str, Any]:
         ns = self._namespace
         families: dict[str, Any] = {}
-        for key, (name, text) in _GAUGES.items():
+        for key, (name, text) in GAUGES.items():
             families[key] = GaugeMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
-        for key, (name, text) in _COUNTERS.items():
-            families[key] = CounterMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
-        for key, (name, text) in _SECONDS.items():
-            families[key] = CounterMetricFamily(f"{ns}_{name}", text, labels=_LABELS)
+        for spec in COUNTER_SPECS:
+            families[spec.name] = CounterMetricFamily(
+                f"{ns}_pool_{spec.metric}", spec.help, labels=_LABELS
+            )
         families["responsive"] = GaugeMetricFamily(
             f"{ns}_pool_responsive",
             "0 if the loop was running but its pool did not answer the scrape in time",
@@ -184,12 +139,19 @@ class BrokerCollector:
             "1 if the loop was running (busy with a task) at the scrape",
             labels=_LABELS,
         )
-        for key, (name, text) in _TOTALS.items():
-            families[f"all_{key}"] = CounterMetricFamily(f"{ns}_{name}", text)
+        for spec in COUNTER_SPECS:
+            families[f"all_{spec.name}"] = CounterMetricFamily(
+                f"{ns}_{spec.metric}", f"{spec.help}, over every loop"
+            )
         families["loops"] = GaugeMetricFamily(f"{ns}_loops", "Event loops with a live pool")
         for key, (name, text) in _HISTOGRAMS.items():
             families[f"histogram_{key}"] = HistogramMetricFamily(f"{ns}_{name}", text)
         return families
+
+
+def _in_unit(value: float, spec: CounterSpec) -> float:
+    """Durations are kept in milliseconds and exported in seconds."""
+    return value / 1000 if spec.unit == "ms" else value
 
 
 def _le(bound: float) -> str:

@@ -20,8 +20,8 @@ import weakref
 from collections.abc import Callable
 
 from broker.actor import Actor
+from broker.asyncio_internals import shutting_down
 from broker.errors import BrokerClosed
-from broker.loop_end import shutting_down
 
 __all__ = ["LoopRegistry", "loop_key"]
 

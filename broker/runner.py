@@ -22,6 +22,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from broker import inherited
+from broker.asyncio_internals import running_loop
 
 __all__ = ["run", "shutdown"]
 
@@ -33,10 +34,12 @@ _IDLE, _RUNNING, _CLOSING, _CLOSED = "idle", "running", "closing", "closed"
 class _ThreadLoop:
     """One thread's persistent loop and who may run it now."""
 
-    __slots__ = ("closed_event", "runner", "state", "thread")
+    __slots__ = ("closed_event", "loop", "runner", "state", "thread")
 
     def __init__(self) -> None:
         self.runner = asyncio.Runner()
+        #: The runner's loop, once it has run (read after a fork without making one).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = weakref.ref(threading.current_thread())
         self.state = _IDLE
         self.closed_event = threading.Event()
@@ -66,7 +69,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     thread. Each call runs in a fresh copy of the caller's context variables,
     so nothing bound during one call leaks into the next.
     """
-    if asyncio._get_running_loop() is not None:
+    if running_loop() is not None:
         coro.close()
         raise RuntimeError(
             "broker.run() cannot be called from a thread whose event loop is running "
@@ -75,6 +78,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     mine = _claim()
     close_now = False
     try:
+        if mine.loop is None:
+            mine.loop = mine.runner.get_loop()
         return mine.runner.run(coro, context=contextvars.copy_context())
     finally:
         with _lock:
@@ -123,7 +128,7 @@ def shutdown(timeout: float = 10.0) -> None:
     ``timeout`` seconds. Call it from a thread with no running loop (a
     worker's shutdown hook). Later :func:`run` calls start new loops.
     """
-    if asyncio._get_running_loop() is not None:
+    if running_loop() is not None:
         raise RuntimeError("broker.runner.shutdown() must be called outside a running event loop")
     here: list[_ThreadLoop] = []
     busy: list[_ThreadLoop] = []
@@ -149,7 +154,7 @@ def _after_fork() -> None:
     # The parent's loops belong to the parent's threads: forget them unclosed,
     # but keep them (and cut them off) so the child never closes or collects them.
     inherited.keep(_loops)
-    inherited.detach(getattr(loop.runner, "_loop", None) for loop in _loops)
+    inherited.detach(loop.loop for loop in _loops)
     _lock = threading.Lock()
     _loops = []
     _local.__dict__.clear()

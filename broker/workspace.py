@@ -21,19 +21,23 @@ parameters, labels and properties are quoted identifiers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import threading
 import unicodedata
+import weakref
 from collections.abc import Iterable
 
 import neo4j
 import neo4j.exceptions
 
 from broker import log
-from broker.config import SEED_INDEXES, IndexSpec
+from broker.config import SEED_INDEXES, DatabasePreparer, IndexSpec
 
 __all__ = [
     "MAX_WORKSPACE_LENGTH",
+    "Preparations",
     "check_workspace",
     "database_name",
     "prepare_workspace",
@@ -186,3 +190,66 @@ async def _ensure(driver: neo4j.AsyncDriver, database: str, statements: list[str
                 statement=statement,
                 error=f"{type(exc).__name__}: {exc.code}",
             )
+
+
+class Preparations:
+    """Each workspace's database, prepared once per broker and cached across loops.
+
+    Concurrent preparations of one workspace in one loop share one run; a
+    caller cancelled while it prepared leaves the others to try themselves.
+    Failures are not cached. ``preparer`` may be replaced (tests count calls).
+    """
+
+    def __init__(self, preparer: DatabasePreparer) -> None:
+        self.preparer = preparer
+        self._done: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards _running's entries; never held across an await
+        self._running: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, asyncio.Future[str]]
+        ] = weakref.WeakKeyDictionary()
+
+    async def prepare(self, driver: neo4j.AsyncDriver, workspace: str) -> str:
+        """The database of ``workspace``, prepared with ``driver`` unless it was already."""
+        check_workspace(workspace)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            running = self._running.setdefault(loop, {})
+        while True:
+            cached = self._done.get(workspace)
+            if cached is not None:
+                return cached
+            shared = running.get(workspace)
+            if shared is None:
+                break
+            try:
+                return await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not shared.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The caller that was preparing it was cancelled: try ourselves.
+        return await self._run(running, loop, driver, workspace)
+
+    async def _run(
+        self,
+        running: dict[str, asyncio.Future[str]],
+        loop: asyncio.AbstractEventLoop,
+        driver: neo4j.AsyncDriver,
+        workspace: str,
+    ) -> str:
+        shared: asyncio.Future[str] = loop.create_future()
+        running[workspace] = shared
+        try:
+            name = await self.preparer(driver, workspace)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                shared.cancel()
+            else:
+                shared.set_exception(exc)
+                shared.exception()  # retrieved here; followers re-raise it
+            raise
+        finally:
+            running.pop(workspace, None)
+        self._done[workspace] = name
+        shared.set_result(name)
+        return name

@@ -107,10 +107,10 @@ def secret_watch() -> SecretWatch:
 def _fresh_defaults() -> Iterator[None]:
     """Each test starts with no default broker and structlog unconfigured."""
     yield
-    current = default._default
+    current = default.current()
     if current is not None and not current.closed:
         current.close(timeout=5)
-    default._default = None
+    default.reset()
     structlog.reset_defaults()
 
 

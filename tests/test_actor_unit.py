@@ -25,7 +25,7 @@ from tests.helpers import eventually
 
 
 def snapshot(b: Broker) -> dict[str, Any]:
-    (actor,) = b._registry.actors()
+    (actor,) = b.actors()
     return actor.snapshot()
 
 
@@ -35,7 +35,7 @@ async def test_cancel_during_connect_does_not_leak_the_slot() -> None:
     plan.slow_next(0.2)
     b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
     task = asyncio.create_task(b.borrow().__aenter__())
-    await eventually(lambda: b._registry.actors() and snapshot(b)["creating"] == 1)
+    await eventually(lambda: b.actors() and snapshot(b)["creating"] == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -192,43 +192,33 @@ def test_loop_ending_while_jobs_are_queued_does_not_hang(yields: int) -> None:
     assert b.totals()["created"] == b.totals()["closed"] == 2
 
 
-async def test_a_pop_is_reset_and_answered_together_or_not_at_all() -> None:
-    """pop_stats() gives up on a loop that is slow to answer. If it gives up
-    while that loop's actor is resetting the counters, the reset must still
-    reach it; if it gave up before, nothing may be reset."""
+def test_pops_from_two_threads_at_once_report_each_borrow_once() -> None:
+    """Two threads popping a parked loop at the same moment: each count once."""
     b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
-    async with b.borrow():
-        pass
-    (actor,) = b._registry.actors()
-    pool = actor.pool
-    popping = pool.pop_stats
 
-    # 1. The asker gives up while the actor resets: too late to give up.
-    def pop_while_the_asker_gives_up(now: float) -> dict[str, Any]:
-        gave_up.append(asked.cancel())
-        return popping(now)
+    async def fifty() -> None:
+        for _ in range(50):
+            async with b.borrow():
+                pass
 
-    gave_up: list[bool] = []
-    asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-    pool.pop_stats = pop_while_the_asker_gives_up  # type: ignore[method-assign]
+    runner = asyncio.Runner()
     try:
-        actor.post(StatsRequest(functools.partial(_set_once, asked), pop_for=asked))
-        await eventually(asked.done)
-    finally:
-        del pool.pop_stats
-    assert gave_up == [False], "the asker could give up after the counters were reset"
-    assert asked.result()["borrows"] == 1, "the reset's counters reached the asker"
+        runner.run(fifty())  # the loop is parked from here on
+        start = threading.Barrier(2)
+        popped: list[int] = []
 
-    # 2. The asker gave up before the actor read the request: nothing is reset.
-    async with b.borrow():
-        pass
-    late: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-    assert late.cancel()
-    actor.post(StatsRequest(functools.partial(_set_once, late), pop_for=late))
-    (entry,) = (await b.stats()).values()  # handled after the pop request
-    assert entry["borrows"] == 2
-    assert pool.pop_stats(0.0)["borrows"] == 1, "only the borrow since the first pop"
-    await b.aclose()
+        def pop() -> None:
+            start.wait()
+            popped.extend(entry["borrows"] for entry in b.pop_stats().values())
+
+        threads = [threading.Thread(target=pop) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(popped) == [0, 50], "each borrow reported by exactly one pop"
+    finally:
+        runner.close()
 
 
 @pytest.mark.parametrize("kind", ["borrow", "stats"])
@@ -239,19 +229,19 @@ async def test_mail_deferred_past_the_actor_end_is_still_answered(kind: str) -> 
     b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
     async with b.borrow():
         pass
-    (actor,) = b._registry.actors()
+    (actor,) = b.actors()
     await b.aclose()
     assert actor.finished
     loop = asyncio.get_running_loop()
     if kind == "borrow":
         waiter: asyncio.Future[Any] = loop.create_future()
         borrow = Borrow(waiter, 30.0, asyncio.current_task(), contextvars.copy_context())
-        assert actor.post_soon(borrow)
+        assert actor.mailbox.post_soon(borrow)
         with pytest.raises(BrokerClosed):
             await asyncio.wait_for(waiter, 2)
     else:
         asked: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        assert actor.post_soon(StatsRequest(functools.partial(_set_once, asked)))
+        assert actor.mailbox.post_soon(StatsRequest(functools.partial(_set_once, asked)))
         answer = await asyncio.wait_for(asyncio.wrap_future(asked), 2)
         assert answer["state"] == "stopped"
 
@@ -295,21 +285,21 @@ async def test_a_return_during_a_pop_of_the_stats_waits_for_the_actor() -> None:
     middle (a finalizer) is not handled until the read is over."""
     b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
     held = await b.borrow()
-    (actor,) = b._registry.actors()
+    (actor,) = b.actors()
     pool = actor.pool
-    popping = pool.pop_stats
+    reading = pool.snapshot
     in_use_after_the_return: list[int] = []
 
-    def pop_with_a_return_in_between(now: float) -> dict[str, Any]:
+    def read_with_a_return_in_between(now: float) -> Any:
         held.release_sync()
         in_use_after_the_return.append(len(pool.in_use))
-        return popping(now)
+        return reading(now)
 
-    pool.pop_stats = pop_with_a_return_in_between  # type: ignore[method-assign]
+    pool.snapshot = read_with_a_return_in_between  # type: ignore[method-assign]
     try:
         (entry,) = b.pop_stats().values()
     finally:
-        del pool.pop_stats
+        del pool.snapshot
     assert in_use_after_the_return == [1], "the return was handled in the middle of the read"
     assert entry["in_use"] == 1 and entry["borrows"] == 1
     await eventually(lambda: snapshot(b)["available"] == 1)
@@ -323,9 +313,9 @@ async def test_a_return_from_inside_the_actors_own_step_is_delivered() -> None:
     plan = DriverPlan()
     b = Broker(fake_config(pool_min_size=0), driver_factory=plan)
     held = await b.borrow()
-    (actor,) = b._registry.actors()
-    await eventually(lambda: actor._bell is not None)  # parked
-    actor._context.run(held.release_sync)  # as the actor's own step would run a finalizer
+    (actor,) = b.actors()
+    await eventually(lambda: actor.mailbox.parked)  # parked
+    actor.context.run(held.release_sync)  # as the actor's own step would run a finalizer
     await eventually(lambda: snapshot(b)["available"] == 1)
     async with b.borrow(timeout=1) as again:
         assert again.driver is plan.made[0]

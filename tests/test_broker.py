@@ -140,11 +140,11 @@ async def test_cancelled_while_waiting_leaves_no_trace(make_broker: MakeBroker) 
     held = await b.borrow()
     driver = held.driver
     waiter = asyncio.create_task(b.borrow().__aenter__())
-    await eventually(lambda: b._registry.actors()[0].snapshot()["waiting"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["waiting"] == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    await eventually(lambda: b._registry.actors()[0].snapshot()["waiting"] == 0)
+    await eventually(lambda: b.actors()[0].snapshot()["waiting"] == 0)
     stats = await one(b)
     assert stats["cancellations"] == 1 and stats["in_use"] == 1 and stats["borrows"] == 1
     await held.release()
@@ -158,15 +158,15 @@ async def test_driver_handed_to_a_just_cancelled_waiter_goes_back(make_broker: M
     held = await b.borrow()
     driver = held.driver
     waiter = asyncio.create_task(b.borrow().__aenter__())
-    await eventually(lambda: b._registry.actors()[0].snapshot()["waiting"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["waiting"] == 1)
     # The actor is parked, so the release is handled at once: the driver is
     # handed over before the waiter runs again and learns it is cancelled.
     await held.release()
-    assert b._registry.actors()[0].snapshot()["waiting"] == 0, "handed over already"
+    assert b.actors()[0].snapshot()["waiting"] == 0, "handed over already"
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    await eventually(lambda: b._registry.actors()[0].snapshot()["in_use"] == 0)
+    await eventually(lambda: b.actors()[0].snapshot()["in_use"] == 0)
     stats = await one(b)
     assert stats["borrows"] == 2, "the actor did hand the driver to the waiter"
     assert stats["cancellations"] == 0
@@ -193,7 +193,7 @@ async def test_cancelled_while_holding_returns_through_context_exit(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: b._registry.actors()[0].snapshot()["available"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["available"] == 1)
     assert (await one(b))["in_use"] == 0
 
 
@@ -248,7 +248,7 @@ async def test_close_from_another_thread(make_broker: MakeBroker, bolt_server: B
     assert await query(held) == 1
     waiter = asyncio.create_task(b.borrow(timeout=30).__aenter__())
     third = asyncio.create_task(b.borrow(timeout=30).__aenter__())
-    await eventually(lambda: b._registry.actors()[0].snapshot()["waiting"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["waiting"] == 1)
 
     closer = threading.Thread(target=b.close, kwargs={"timeout": 5})
     closer.start()
@@ -262,7 +262,7 @@ async def test_close_from_another_thread(make_broker: MakeBroker, bolt_server: B
     assert held.driver is not None  # still usable until it is returned
     await held.release()
     await asyncio.to_thread(closer.join)
-    await eventually(lambda: b._registry.actors() == [], what="actor stopped")
+    await eventually(lambda: b.actors() == [], what="actor stopped")
     with pytest.raises(BrokerClosed):
         await b.borrow()
     assert b.totals()["closed"] == b.totals()["created"] == 2
@@ -290,7 +290,7 @@ async def test_minimum_size_is_created_in_the_background(make_broker: MakeBroker
     b = make_broker(pool_max_size=4, pool_min_size=3)
     async with b.borrow():
         pass
-    await eventually(lambda: b._registry.actors()[0].snapshot()["available"] == 3, timeout=5)
+    await eventually(lambda: b.actors()[0].snapshot()["available"] == 3, timeout=5)
     stats = await one(b)
     assert stats["total"] == 3 and stats["created"] == 3
 
@@ -300,7 +300,7 @@ async def test_idle_drivers_above_the_minimum_are_closed(make_broker: MakeBroker
     held = [await b.borrow() for _ in range(3)]
     for conn in held:
         await conn.release()
-    actor = b._registry.actors()[0]
+    actor = b.actors()[0]
     # total drops when a close starts; closed counts when it has finished.
     await eventually(lambda: actor.snapshot()["closed"] == 2, timeout=5)
     stats = await one(b)
@@ -315,7 +315,7 @@ async def test_old_drivers_are_closed_on_return(make_broker: MakeBroker) -> None
     await conn.release()
     async with b.borrow() as again:
         assert again.driver is not first
-    actor = b._registry.actors()[0]
+    actor = b.actors()[0]
     await eventually(lambda: actor.snapshot()["closed"] == 1, timeout=5)
     assert (await one(b))["created"] == 2
 
@@ -367,7 +367,7 @@ async def test_release_from_another_thread_is_routed_to_the_owner(make_broker: M
     b = make_broker(pool_min_size=0)
     conn = await b.borrow()
     await asyncio.to_thread(conn.release_sync)
-    await eventually(lambda: b._registry.actors()[0].snapshot()["available"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["available"] == 1)
 
     conn = await b.borrow()
     done = threading.Event()
@@ -378,7 +378,7 @@ async def test_release_from_another_thread_is_routed_to_the_owner(make_broker: M
 
     threading.Thread(target=other_loop).start()
     await asyncio.to_thread(done.wait, 10)
-    await eventually(lambda: b._registry.actors()[0].snapshot()["available"] == 1)
+    await eventually(lambda: b.actors()[0].snapshot()["available"] == 1)
     assert (await one(b))["in_use"] == 0
 
 
@@ -415,14 +415,14 @@ async def test_workspace_database_is_prepared_once_per_broker(
 ) -> None:
     b = make_broker(pool_min_size=0)
     calls: list[str] = []
-    real = b._preparer
+    real = b.workspaces.preparer
 
     async def counting(driver: neo4j.AsyncDriver, workspace: str) -> str:
         calls.append(workspace)
         await asyncio.sleep(0.05)
         return await real(driver, workspace)
 
-    b._preparer = counting
+    b.workspaces.preparer = counting
 
     async def prepare() -> str:
         async with b.borrow() as conn:
@@ -444,7 +444,7 @@ async def test_workspace_database_is_prepared_once_per_broker(
 async def test_failed_preparation_is_not_cached(make_broker: MakeBroker) -> None:
     b = make_broker(pool_min_size=0)
     attempts = 0
-    real = b._preparer
+    real = b.workspaces.preparer
 
     async def flaky(driver: neo4j.AsyncDriver, workspace: str) -> str:
         nonlocal attempts
@@ -453,7 +453,7 @@ async def test_failed_preparation_is_not_cached(make_broker: MakeBroker) -> None
             raise neo4j.exceptions.TransientError("try again")
         return await real(driver, workspace)
 
-    b._preparer = flaky
+    b.workspaces.preparer = flaky
     async with b.borrow() as conn:
         with pytest.raises(neo4j.exceptions.TransientError):
             await conn.prepare_database("ws-flaky")
@@ -500,8 +500,8 @@ async def test_cancel_during_connect_keeps_the_slot(
         proxy.delay_handshake(1.0)
         b = make_broker(uri=proxy.uri, pool_max_size=1, pool_min_size=0)
         task = asyncio.create_task(b.borrow().__aenter__())
-        await eventually(lambda: bool(b._registry.actors()))
-        actor = b._registry.actors()[0]
+        await eventually(lambda: bool(b.actors()))
+        actor = b.actors()[0]
         await eventually(lambda: actor.snapshot()["creating"] == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -568,7 +568,7 @@ async def test_driver_returned_after_a_connection_error_is_checked(
     with pytest.raises(neo4j.exceptions.SessionExpired):
         await fail_inside()
     assert checks == 1, "verified once, when it was created"
-    actor = b._registry.actors()[0]
+    actor = b.actors()[0]
     await eventually(lambda: actor.snapshot()["available"] == 1)
     assert checks == 2, "verified again after the connection error"
     async with b.borrow() as conn:

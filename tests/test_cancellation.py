@@ -28,7 +28,7 @@ async def _pool(b: Broker) -> dict[str, Any]:
 
 async def assert_intact(b: Broker, max_size: int) -> dict[str, Any]:
     """Nothing in use or waiting, the bound held, and a borrow is served at once."""
-    await eventually(lambda: b._registry.actors()[0].snapshot()["in_use"] == 0, what="all back")
+    await eventually(lambda: b.actors()[0].snapshot()["in_use"] == 0, what="all back")
     async with b.borrow(timeout=10) as conn:
         await conn.driver.execute_query("RETURN 1")
     pool = await _pool(b)

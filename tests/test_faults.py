@@ -165,7 +165,7 @@ async def test_resets_during_queries(bolt_server: BoltServer) -> None:
         stats = await b.stats()
         mine = next(v for v in stats.values() if v["thread"] == "MainThread")
         assert mine["in_use"] == 0 and mine["waiting"] == 0
-        actor = next(a for a in b._registry.actors() if a.key == mine["loop"])
+        actor = next(a for a in b.actors() if a.key == mine["loop"])
         await eventually(lambda: actor.snapshot()["available"] >= 2, what="the pool refilled")
         await b.aclose()
 
@@ -198,7 +198,7 @@ async def test_slow_handshakes_do_not_stall_other_borrowers(bolt_server: BoltSer
                 done += 1
 
         workers = [asyncio.create_task(cycle()) for _ in range(3)]  # the third needs a new driver
-        actor = b._registry.actors()[0]
+        actor = b.actors()[0]
         await eventually(lambda: actor.snapshot()["creating"] == 1, what="a slow creation runs")
         started, served_before = time.monotonic(), done
         asked = time.monotonic()

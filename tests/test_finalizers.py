@@ -30,7 +30,7 @@ WATCHDOG_SECONDS = 10.0
 @contextmanager
 def mailbox_lock_held(actor: Actor) -> Iterator[None]:
     """Hold the actor's mailbox lock on this thread, as janus does inside get/put."""
-    mutex = actor._mailbox._sync_mutex
+    mutex = actor.mailbox.lock
     mutex.acquire()
     fired = threading.Event()
 
@@ -103,7 +103,7 @@ async def test_a_borrow_finalized_after_its_hand_over_inside_the_mailbox_lock(
     waiter = borrowing.send(None)  # runs up to its wait for the actor's answer
     assert isinstance(waiter, asyncio.Future)
     await eventually(waiter.done, what="the actor handed over a driver")
-    actor = b._registry.get(asyncio.get_running_loop())
+    actor = b.actor_of(asyncio.get_running_loop())
     assert actor is not None and actor.snapshot()["in_use"] == 1
     with mailbox_lock_held(actor):
         del borrowing  # its finalizer closes it: GeneratorExit at the wait
@@ -126,7 +126,7 @@ def test_a_handle_dropped_after_its_loop_closed_does_nothing(bolt_config: Any) -
     holder.clear()
     del holder
     gc.collect()  # an unraisable error here fails the test (pytest's filterwarnings)
-    assert actor.finished and actor._mailbox.sync_q.qsize() == 0
+    assert actor.finished and actor.mailbox.pending() == 0
 
 
 async def _held_in_a_with_block(b: Broker) -> None:
@@ -174,7 +174,7 @@ async def test_a_holding_coroutine_finalized_inside_the_mailbox_lock(
     waiter = coro.send(None)  # runs up to its wait for the actor's answer
     await eventually(waiter.done, what="the actor handed over a driver")
     coro.send(None)  # takes the driver and parks in the body
-    actor = b._registry.get(asyncio.get_running_loop())
+    actor = b.actor_of(asyncio.get_running_loop())
     assert actor is not None and actor.snapshot()["in_use"] == 1
     holders = [coro]
     del coro, waiter

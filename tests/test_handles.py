@@ -11,7 +11,7 @@ import neo4j
 import pytest
 
 from broker import Broker, BrokerError, Connection, Neo4jConnectionConfig
-from broker.connection import _is_connection_error
+from broker.pooled import is_connection_error as _is_connection_error
 from broker.testing import BoltServer
 from broker.testing.faults import FaultProxy
 from tests.helpers import bolt_port, eventually

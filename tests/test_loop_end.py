@@ -120,8 +120,8 @@ def test_a_job_cut_short_by_the_loop_end_is_not_a_failure(
             else:
                 proxy.delay_handshake(60)  # the creation hangs
             waiting = asyncio.create_task(b.borrow().__aenter__())
-            await eventually(lambda: len(b._registry.actors()) == 1, what="the pool started")
-            (actor,) = b._registry.actors()
+            await eventually(lambda: len(b.actors()) == 1, what="the pool started")
+            (actor,) = b.actors()
             busy = "checking" if job == "check" else "creating"
             await eventually(lambda: actor.snapshot()[busy] == 1, what=f"{busy} a driver")
             assert not waiting.done()

@@ -12,9 +12,9 @@ import neo4j.exceptions
 import pytest
 
 from broker import BorrowTimeout, BrokerClosed, TooManyWaiters
-from broker.connection import PooledDriver
-from broker.messages import Borrow, CheckNow, WaitReady
+from broker.messages import Borrow, Checked, CheckNow, Created, WaitReady
 from broker.pool import Pool
+from broker.pooled import PooledDriver
 from tests.fakes import fake_config
 
 
@@ -100,10 +100,10 @@ def finish_creations(
     del jobs.creations[: len(todo)]
     for generation, started in todo:
         if error is not None:
-            pool.creation_ended(None, error, None, started, 0.0, False, now)
+            pool.creation_ended(Created(None, error, None, started), now)
         else:
             pooled = PooledDriver(object(), now, generation)  # type: ignore[arg-type]
-            pool.creation_ended(pooled, None, None, started, 0.25, False, now)
+            pool.creation_ended(Created(pooled, None, None, started, 0.25), now)
             made.append(pooled)
     return made
 
@@ -275,11 +275,11 @@ def test_on_return_runs_on_each_return_and_a_failure_means_a_check() -> None:
     waiting = borrow(pool, 0.2)
     assert not waiting.waiter.done(), "not handed out while the hook runs"
     # The hook failed; the verification that followed passed: kept.
-    pool.check_ended(pooled, None, RuntimeError("hook"), True, 0.3)
-    assert held(waiting) is pooled and pool.hook_errors == 1
+    pool.check_ended(Checked(pooled, None, RuntimeError("hook")), 0.3)
+    assert held(waiting) is pooled and pool.counters.hook_errors == 1
     pool.returned(pooled, True, 0.4)  # a broken return: hook, then verify
     assert jobs.checks[-1] == (pooled, True, True)
-    pool.check_ended(pooled, neo4j.exceptions.ServiceUnavailable("gone"), None, True, 0.5)
+    pool.check_ended(Checked(pooled, neo4j.exceptions.ServiceUnavailable("gone")), 0.5)
     assert pooled in jobs.closes and pool.closing[pooled] == ("failed health check", True)
     stats = pool.snapshot(0.5)
     assert stats["returns_bad"] == 1 and stats["drivers_lost"] == 1
@@ -290,7 +290,7 @@ def test_failing_on_create_discards_the_driver_and_counts_the_error() -> None:
     request = borrow(pool, 0.0)
     (_, started) = jobs.creations.pop()
     error = RuntimeError("setup failed")
-    pool.creation_ended(None, error, None, started, 0.2, True, 0.3)
+    pool.creation_ended(Created(None, error, None, started, 0.2, True), 0.3)
     assert failed(request) is error
     stats = pool.snapshot(0.3)
     assert stats["hook_errors"] == 1 and stats["errors"] == 1 and stats["connect_errors"] == 0
@@ -307,9 +307,9 @@ def test_check_all_verifies_every_idle_driver_and_counts_the_discarded() -> None
     check = CheckNow(Waiter())  # type: ignore[arg-type]
     pool.check_all(check, 0.2)
     assert {p for p, _, verify in jobs.checks if verify} == set(drivers[:2])
-    pool.check_ended(drivers[0], None, None, True, 0.3)
+    pool.check_ended(Checked(drivers[0]), 0.3)
     assert not check.waiter.done()
-    pool.check_ended(drivers[1], neo4j.exceptions.ServiceUnavailable("x"), None, True, 0.3)
+    pool.check_ended(Checked(drivers[1], neo4j.exceptions.ServiceUnavailable("x")), 0.3)
     assert check.waiter.state == "done" and check.waiter.value == 1  # type: ignore[attr-defined]
     assert pool.snapshot(0.3)["drivers_lost"] == 1
     assert list(pool.idle) == [drivers[0]], "the good one is back"
@@ -380,7 +380,7 @@ def test_reconnect_failed_after_reconnect_timeout_below_the_minimum() -> None:
     assert len(jobs.reconnect_failed_calls) == 1
     stats = jobs.reconnect_failed_calls[0]
     assert stats["last_error"] == "ServiceUnavailable: down" and stats["min_size"] == 1
-    attempts = pool.connect_errors
+    attempts = pool.counters.connect_errors
     assert 3 <= attempts <= 6, f"retried with backoff, not at every tick: {attempts}"
     pool.tick(now + 30.0)  # past the longest backoff: one more attempt
     assert len(jobs.creations) == 1
@@ -422,7 +422,7 @@ def test_wait_ready_gets_the_creation_error_or_a_timeout_naming_the_cause() -> N
     assert isinstance(error, BorrowTimeout) and error.ready
     assert "pool not ready within 1 s: 0 of 1 drivers ready" in str(error)
     assert "connecting to bolt://fake.invalid:7687 for 1.0 s" in str(error)
-    assert pool.timeouts == 0, "a readiness wait is not a borrow"
+    assert pool.counters.timeouts == 0, "a readiness wait is not a borrow"
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_timing_counters_and_pop_stats() -> None:
     pooled = held(first)
     second = borrow(pool, 1.0)
     pool.returned(pooled, True, 2.0)  # held 1.5 s, broken: checked
-    pool.check_ended(pooled, None, None, True, 2.25)  # second waited 1.25 s
+    pool.check_ended(Checked(pooled), 2.25)  # second waited 1.25 s
     held(second)
     pool.returned(pooled, False, 2.5)  # held 0.25 s
     stats = pool.snapshot(3.0)
@@ -506,7 +506,7 @@ def test_drivers_made_for_the_minimum_or_a_readiness_wait_are_always_verified() 
 
 
 def test_an_error_is_described_with_its_root_cause() -> None:
-    from broker.pool import describe
+    from broker.errors import describe
 
     try:
         try:

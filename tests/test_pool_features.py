@@ -37,7 +37,7 @@ async def query(conn: broker.Connection, value: int = 1) -> int:
 
 def here(b: Broker) -> Actor:
     """This loop's actor."""
-    (actor,) = [a for a in b._registry.actors() if a.loop is asyncio.get_running_loop()]
+    (actor,) = [a for a in b.actors() if a.loop is asyncio.get_running_loop()]
     return actor
 
 
@@ -77,7 +77,7 @@ async def load(b: Broker, run: LoadRun, workers: int, hold: float = 0.005) -> No
             started = time.monotonic()
             try:
                 async with b.borrow(timeout=20) as conn:
-                    assert conn._pooled is not None
+                    assert conn.pooled is not None
                     run.served.append((started, id(conn.driver)))
                     await query(conn)
                     await asyncio.sleep(hold)
@@ -87,7 +87,7 @@ async def load(b: Broker, run: LoadRun, workers: int, hold: float = 0.005) -> No
     async def sampler() -> None:
         # Read in the loop's own thread, between the actor's steps: a consistent view.
         while not run.stop.is_set():
-            for actor in b._registry.actors():
+            for actor in b.actors():
                 if actor.loop is asyncio.get_running_loop():
                     run.samples.append(actor.snapshot())
             await asyncio.sleep(0.002)

@@ -172,5 +172,21 @@ async def test_histograms_and_new_counters_never_go_back(
 
 
 def here_key(b: broker.Broker) -> str:
-    (actor,) = b._registry.actors()
+    (actor,) = b.actors()
     return actor.key
+
+
+def test_every_counter_is_exported_per_loop_and_in_total() -> None:
+    """A counter added to the pool's Counters is exported, or this fails."""
+    import dataclasses
+    import typing
+
+    from broker.stats import COUNTER_SPECS, Counters, PoolStats
+
+    names = {m.name for m in broker.prometheus.BrokerCollector(namespace="b").describe()}
+    fields = [f.name for f in dataclasses.fields(Counters)]
+    assert [spec.name for spec in COUNTER_SPECS] == fields
+    for spec in COUNTER_SPECS:
+        assert f"b_pool_{spec.metric}" in names, f"{spec.name} is not exported per loop"
+        assert f"b_{spec.metric}" in names, f"{spec.name} is not exported in total"
+    assert set(fields) <= set(typing.get_type_hints(PoolStats)), "stats() must report it"

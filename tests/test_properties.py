@@ -149,15 +149,15 @@ def check_invariants(
     for i, a in enumerate(places):
         for b in places[i + 1 :]:
             assert not (a & b), "a driver in two places at once"
-    holders = [
-        m.conn._pooled for m in borrowers if m.conn is not None and m.conn._pooled is not None
-    ]
+    holders = [m.conn.pooled for m in borrowers if m.conn is not None and m.conn.pooled is not None]
     assert len(holders) == len(set(holders)), "one driver held by two borrowers"
     assert set(holders) <= in_use | closing, "a held driver the actor does not count as in use"
     assert in_use <= set(holders), "a driver counted in use that nobody holds (leaked)"
     alive = len(idle) + len(in_use) + len(checking) + len(closing)
-    assert pool.created - pool.closed == alive, "created - closed == drivers alive"
-    assert pool.borrows >= acquired
+    assert pool.counters.created - pool.counters.closed == alive, (
+        "created - closed == drivers alive"
+    )
+    assert pool.counters.borrows >= acquired
     if pool.config.max_waiting:
         assert len(pool.waiters) <= pool.config.max_waiting, "more waiters than max_waiting"
     if max_borrows is not None:
@@ -168,12 +168,20 @@ def check_invariants(
 
 
 def signature(b: Broker, borrowers: list[Borrower]) -> tuple[Any, ...]:
-    pools = [a.pool for a in b._registry.actors()]
+    pools = [a.pool for a in b.actors()]
     handles = [
         (m.outcome, m.conn is not None and m.conn.released, m.task.done()) for m in borrowers
     ]
     counts = [
-        (p.borrows, p.created, p.closed, len(p.idle), len(p.in_use), len(p.waiters)) for p in pools
+        (
+            p.counters.borrows,
+            p.counters.created,
+            p.counters.closed,
+            len(p.idle),
+            len(p.in_use),
+            len(p.waiters),
+        )
+        for p in pools
     ]
     jobs = [(len(p.connecting), len(p.checking), len(p.closing)) for p in pools]
     return (*handles, *counts, *jobs)
@@ -262,7 +270,7 @@ async def scenario(
             await asyncio.sleep(arg)
         elif op == "close" and not closing:
             closing.append(asyncio.create_task(b.aclose(timeout=0.2)))
-        actors = b._registry.actors()
+        actors = b.actors()
         await asyncio.sleep(0)
         if actors:
             await settle(b, borrowers)

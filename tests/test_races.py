@@ -74,7 +74,7 @@ async def test_close_while_thousands_of_waiters_queue(
             pass
 
     tasks = [asyncio.create_task(waiter()) for _ in range(waiters)]
-    actor = b._registry.actors()[0]
+    actor = b.actors()[0]
     await eventually(lambda: actor.snapshot()["waiting"] == waiters, what="all queued")
     closing = asyncio.create_task(asyncio.to_thread(b.close, 5))
     results = await asyncio.gather(*tasks, return_exceptions=True)

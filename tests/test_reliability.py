@@ -71,8 +71,8 @@ def test_storm_of_short_lived_loops(
 
         async def borrower(i: int) -> None:
             async with b.borrow() as conn:
-                assert conn._pooled is not None
-                rec.handed(conn._pooled.id, serial)
+                assert conn.pooled is not None
+                rec.handed(conn.pooled.id, serial)
                 if i % 4 == 0:
                     await conn.driver.execute_query("RETURN 1")
                 else:
@@ -87,7 +87,7 @@ def test_storm_of_short_lived_loops(
                 cancelled += 1
             elif isinstance(result, BaseException):
                 rec.unexpected.append(result)
-        actor = b._registry.get(loop)
+        actor = b.actor_of(loop)
         assert actor is not None
         actors[serial] = actor
 
@@ -104,7 +104,7 @@ def test_storm_of_short_lived_loops(
                 continue
             actor = actors.pop(serial)
             # The pool was closed, in its loop, before asyncio.run returned.
-            if not actor.finished or actor.pool.created != actor.pool.closed:
+            if not actor.finished or actor.pool.counters.created != actor.pool.counters.closed:
                 rec.unclosed_pools.append(actor.key)
 
     started = time.monotonic()
@@ -225,7 +225,7 @@ def test_loop_stops_while_a_release_is_in_flight(bolt_config: Neo4jConnectionCon
         released = threading.Thread(target=conn.release_sync)
         released.start()
         released.join()
-        actor = b1._registry.get(loop)
+        actor = b1.actor_of(loop)
         assert actor is not None and actor.snapshot()["in_use"] == 1, "not handled yet"
         stats = loop.run_until_complete(b1.stats())
         assert stats[actor.key]["in_use"] == 0 and stats[actor.key]["available"] == 1

@@ -1,0 +1,109 @@
+"""The actor's jobs: making, checking and closing a driver, each in a task of its own.
+
+Each job returns its report (a message for the actor) and never raises but
+for cancellation; the actor never waits on the I/O inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable
+
+from neo4j import AsyncDriver
+from neo4j.exceptions import ServiceUnavailable
+
+from broker import log
+from broker.config import Neo4jConnectionConfig
+from broker.errors import describe
+from broker.messages import Checked, Closed, Created
+from broker.pooled import PooledDriver
+
+__all__ = ["DriverFactory", "check", "close", "close_quietly", "create"]
+
+#: Makes one (not yet connected) driver from a config.
+DriverFactory = Callable[[Neo4jConnectionConfig], AsyncDriver]
+
+
+async def create(
+    config: Neo4jConnectionConfig,
+    factory: DriverFactory,
+    generation: int,
+    started: float,
+    verify: bool,
+) -> Created:
+    """Make a driver, verify it (if ``verify``) and run ``on_create``."""
+    driver: AsyncDriver | None = None
+    limit = config.connection_acquisition_timeout
+    began = time.monotonic()
+    try:
+        try:
+            async with asyncio.timeout(limit):
+                if config.credentials is not None:
+                    config = config.for_driver(await config.auth_for_new_driver())
+                driver = factory(config)
+                if verify:
+                    await driver.verify_connectivity()
+        except TimeoutError:
+            # Report it the way the driver reports a server it cannot reach.
+            raise ServiceUnavailable(f"could not connect within {limit:g} s") from None
+    except BaseException as exc:
+        if driver is not None:
+            await close_quietly(driver)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return Created(None, exc, contextvars.copy_context(), started)
+    seconds = time.monotonic() - began
+    hook = config.on_create
+    if hook is not None:
+        try:
+            async with asyncio.timeout(limit):
+                await hook(driver)
+        except BaseException as exc:
+            await close_quietly(driver)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return Created(None, exc, contextvars.copy_context(), started, seconds, True)
+    pooled = PooledDriver(driver, time.monotonic(), generation)
+    return Created(pooled, None, contextvars.copy_context(), started, seconds)
+
+
+async def check(
+    config: Neo4jConnectionConfig, pooled: PooledDriver, hook: bool, verify: bool
+) -> Checked:
+    """Run ``on_return`` (if ``hook``) and verify the driver (if ``verify`` or the hook failed)."""
+    hook_error: Exception | None = None
+    timeout = config.health_check_timeout
+    on_return = config.on_return
+    if hook and on_return is not None:
+        try:
+            async with asyncio.timeout(timeout):
+                await on_return(pooled.driver)
+        except Exception as exc:
+            hook_error = exc
+    if not verify and hook_error is None:
+        return Checked(pooled, verified=False)
+    try:
+        async with asyncio.timeout(timeout):
+            await pooled.driver.verify_connectivity()
+    except Exception as exc:
+        return Checked(pooled, exc, hook_error)
+    return Checked(pooled, None, hook_error)
+
+
+async def close(pooled: PooledDriver) -> Closed:
+    """Close a driver."""
+    await close_quietly(pooled.driver)
+    return Closed(pooled)
+
+
+async def close_quietly(driver: AsyncDriver) -> None:
+    """Close ``driver``; an error other than cancellation is only logged (debug)."""
+    try:
+        await driver.close()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the driver is being dropped either way
+        if log.enabled(log.DEBUG):
+            log.emit(log.DEBUG, "driver.close_error", error=describe(exc))
