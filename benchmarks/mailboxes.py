@@ -18,8 +18,11 @@ import time
 from collections import deque
 from typing import Any
 
+import janus
+
 from broker import Broker
 from broker.actor import Actor
+from broker.mailbox import Mailbox
 from broker.messages import Message
 
 _BORROW, _RETURN, _STOP = 0, 1, 2
@@ -77,43 +80,62 @@ async def minimal_pairs(
     return done, seconds
 
 
-class QueueMailboxActor(Actor):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class QueueMailbox(Mailbox[Message]):
+    """An ``asyncio.Queue`` mailbox: no thread-safe side at all."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._shut = False
 
     def post(self, message: Message) -> bool:
-        if self._finished:
+        if self._shut:
             return False
         self._queue.put_nowait(message)
         return True
 
     def post_threadsafe(self, message: Message) -> bool:
         try:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, message)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
         except RuntimeError:
             return False
         return True
 
-    async def _serve(self) -> None:
-        while True:
-            message = await self._queue.get()
-            self._handle(message)
-            while not self._queue.empty():
-                self._handle(self._queue.get_nowait())
-            if self.pool.stopping is not None and self.pool.is_empty():
-                return
+    def drain(self, holds_mail: bool = False) -> None:
+        while not self._queue.empty():
+            self._handle(self._queue.get_nowait())
+
+    async def wait(self) -> None:
+        self._handle(await self._queue.get())
+
+    def shut(self) -> list[Message]:
+        self._shut = True
+        left = []
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        return left
+
+
+class JanusGetMailbox(Mailbox[Message]):
+    """The janus mailbox, read by ``async_q.get()`` (janus's notifier wakes it each time)."""
+
+    def post(self, message: Message) -> bool:
+        try:
+            self._inbox.put_nowait(message)
+        except janus.AsyncQueueShutDown:
+            return False
+        return True
+
+    async def wait(self) -> None:
+        self._handle(await self._inbox.get())
+
+
+class QueueMailboxActor(Actor):
+    mailbox_class = QueueMailbox
 
 
 class JanusGetActor(Actor):
-    async def _serve(self) -> None:
-        get = self._inbox.get
-        while True:
-            message = await get()
-            self._handle(message)
-            self._drain()
-            if self.pool.stopping is not None and self.pool.is_empty():
-                return
+    mailbox_class = JanusGetMailbox
 
 
 class _VariantBroker(Broker):
@@ -122,7 +144,9 @@ class _VariantBroker(Broker):
     def _new_actor(self, loop: asyncio.AbstractEventLoop) -> Actor:
         from broker.registry import loop_key
 
-        return self.actor_class(self.config, loop, loop_key(), self._factory, self._actor_stopped)
+        return self.actor_class(
+            self.config, loop, loop_key(), self.driver_factory, self._actor_stopped
+        )
 
 
 class QueueMailboxBroker(_VariantBroker):

@@ -68,6 +68,9 @@ class Actor:
     callers (it is the pool's :class:`~broker.effects.Effects`).
     """
 
+    #: How mail reaches the actor (benchmarks compare other mailboxes).
+    mailbox_class: type[Mailbox[Message]] = Mailbox
+
     def __init__(
         self,
         config: Neo4jConnectionConfig,
@@ -87,7 +90,7 @@ class Actor:
         self._on_stopped = on_stopped
         # The actor's own context: a drain on a sender's stack runs in it too.
         self._context = contextvars.Context()
-        self.mailbox: Mailbox[Message] = Mailbox(
+        self.mailbox: Mailbox[Message] = self.mailbox_class(
             loop, self._context, self._handle, self._failed, self._unread, self._stopping
         )
         self._task: asyncio.Task[None] | None = None
@@ -99,6 +102,8 @@ class Actor:
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._finished = False
+        #: Cancelled while serving: it closes its drivers and a new actor serves the loop.
+        self.retiring = False
 
     # -- the request protocol (callers in the loop, or any thread) --------------
 
@@ -173,9 +178,12 @@ class Actor:
             try:
                 await self._serve()
             except asyncio.CancelledError:
-                # asyncio.run() is ending the loop: close every driver here, now.
-                loop_ending = True
-                self._begin_stop("event loop ending", self.config.close_timeout)
+                # asyncio.run() ending the loop, or code that cancels every
+                # other task while its loop goes on: close every driver here,
+                # now. A later borrow in this loop starts a new actor (one
+                # born while the loop ends is closed by loop_end's guard).
+                loop_ending = self.retiring = True
+                self._begin_stop("cancelled", self.config.close_timeout)
                 while True:
                     try:
                         await self._serve()

@@ -168,9 +168,9 @@ class Broker:
             generation=generation,
         )
 
-    def _actor_stopped(self, actor: Actor, loop_ended: bool) -> None:
+    def _actor_stopped(self, actor: Actor, cancelled: bool) -> None:
         self._totals.fold(actor.pool)
-        self._registry.retire(actor, loop_ended)
+        self._registry.retire(actor)
 
     # -- the pool of the calling loop ------------------------------------------
 

@@ -41,14 +41,14 @@ class LoopRegistry:
         self._actors: weakref.WeakValueDictionary[weakref.ref[asyncio.AbstractEventLoop], Actor] = (
             weakref.WeakValueDictionary()
         )
-        # Loops whose actor stopped because the loop itself was ending.
-        self._ended: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        # Cancelled actors still closing their drivers, replaced by a new one.
+        self._retiring: weakref.WeakSet[Actor] = weakref.WeakSet()
         self._closed = False
 
     def get(self, loop: asyncio.AbstractEventLoop) -> Actor | None:
         """The loop's running actor, if it has one."""
         actor = self._actors.get(weakref.ref(loop))
-        if actor is None or actor.finished:
+        if actor is None or actor.finished or actor.retiring:
             return None
         return actor
 
@@ -59,24 +59,25 @@ class LoopRegistry:
         with self._lock:
             if self._closed:
                 raise BrokerClosed("the broker is closed")
-            if loop in self._ended or shutting_down(loop):
+            if shutting_down(loop):
                 raise BrokerClosed("this event loop is shutting down; its pool is closed")
             key = weakref.ref(loop)
             actor = self._actors.get(key)
-            if actor is None or actor.finished:
+            if actor is None or actor.finished or actor.retiring:
+                if actor is not None and not actor.finished:
+                    self._retiring.add(actor)  # counted until it has stopped
                 actor = make(loop)
                 self._actors[key] = actor
                 actor.start()
             return actor
 
-    def retire(self, actor: Actor, loop_ended: bool) -> None:
-        """Forget a stopped actor."""
+    def retire(self, actor: Actor) -> None:
+        """Forget a stopped actor (unless a new one serves its loop already)."""
         with self._lock:
             key = weakref.ref(actor.loop)
             if self._actors.get(key) is actor:
                 del self._actors[key]
-            if loop_ended:
-                self._ended.add(actor.loop)
+            self._retiring.discard(actor)
 
     def actors(self) -> list[Actor]:
         """The live actors, at this moment."""
@@ -84,9 +85,9 @@ class LoopRegistry:
             return [a for a in self._actors.values() if not a.finished]
 
     def entries(self) -> list[Actor]:
-        """Every actor still registered, stopping ones included."""
+        """Every actor still registered, stopping and replaced ones included."""
         with self._lock:
-            return list(self._actors.values())
+            return [*self._actors.values(), *self._retiring]
 
     def close(self) -> list[Actor]:
         """Refuse new actors from now on; return the live ones to shut down."""
@@ -100,8 +101,8 @@ class LoopRegistry:
 
     def forget_all(self) -> list[Actor]:
         """After a fork: forget every actor of the parent without touching it; return them."""
-        inherited = list(self._actors.values())
+        inherited = [*self._actors.values(), *self._retiring]
         self._lock = threading.Lock()
         self._actors = weakref.WeakValueDictionary()
-        self._ended = weakref.WeakSet()
+        self._retiring = weakref.WeakSet()
         return inherited
