@@ -19,6 +19,7 @@ from broker.config import Neo4jConnectionConfig
 from broker.errors import describe
 from broker.messages import Checked, Closed, Created
 from broker.pooled import PooledDriver
+from broker.uri import redact_uri
 
 __all__ = ["DriverFactory", "check", "close", "close_quietly", "create"]
 
@@ -33,40 +34,54 @@ async def create(
     started: float,
     verify: bool,
 ) -> Created:
-    """Make a driver, verify it (if ``verify``) and run ``on_create``."""
+    """Make a driver, verify it (if ``verify``) and run ``on_create``.
+
+    ``connection_acquisition_timeout`` bounds the whole creation; an error
+    names the phase that failed: ``credentials``, ``connect``, ``verify`` or
+    ``on_create``, and a timeout of ours names the server and the user.
+    """
     driver: AsyncDriver | None = None
     limit = config.connection_acquisition_timeout
     began = time.monotonic()
+    phase = "credentials"
     try:
-        try:
-            async with asyncio.timeout(limit):
-                if config.credentials is not None:
-                    config = config.for_driver(await config.auth_for_new_driver())
-                driver = factory(config)
-                if verify:
-                    await driver.verify_connectivity()
-        except TimeoutError:
-            # Report it the way the driver reports a server it cannot reach.
-            raise ServiceUnavailable(f"could not connect within {limit:g} s") from None
+        async with asyncio.timeout(limit):
+            if config.credentials is not None:
+                config = config.for_driver(await config.auth_for_new_driver())
+            phase = "connect"
+            driver = factory(config)
+            if verify:
+                phase = "verify"
+                await driver.verify_connectivity()
+            seconds = time.monotonic() - began
+            hook = config.on_create
+            if hook is not None:
+                phase = "on_create"
+                await hook(driver)
     except BaseException as exc:
         if driver is not None:
             await close_quietly(driver)
         if isinstance(exc, asyncio.CancelledError):
             raise
-        return Created(None, exc, contextvars.copy_context(), started)
-    seconds = time.monotonic() - began
-    hook = config.on_create
-    if hook is not None:
-        try:
-            async with asyncio.timeout(limit):
-                await hook(driver)
-        except BaseException as exc:
-            await close_quietly(driver)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return Created(None, exc, contextvars.copy_context(), started, seconds, True)
+        error = _timed_out(config, phase, limit) if isinstance(exc, TimeoutError) else exc
+        hook_failed = phase == "on_create"
+        context = contextvars.copy_context()
+        return Created(None, error, context, started, 0.0, hook_failed, phase)
     pooled = PooledDriver(driver, time.monotonic(), generation)
     return Created(pooled, None, contextvars.copy_context(), started, seconds)
+
+
+def _timed_out(config: Neo4jConnectionConfig, phase: str, limit: float) -> Exception:
+    """Our own creation timeout, named for what it cut short (never with a secret)."""
+    where = f"{redact_uri(config.uri)} as {config.username!r}"
+    bound = f"{limit:g} s (connection_acquisition_timeout)"
+    if phase == "credentials":
+        return TimeoutError(f"credentials() did not return within {bound}, for {where}")
+    if phase == "on_create":
+        hook = getattr(config.on_create, "__qualname__", repr(config.on_create))
+        return TimeoutError(f"the on_create hook {hook} did not finish within {bound}")
+    # Reported the way the driver reports a server it cannot reach.
+    return ServiceUnavailable(f"could not connect to {where} within {bound} ({phase})")
 
 
 async def check(

@@ -119,6 +119,8 @@ class Created:
     seconds: float = 0.0
     #: The error came from the ``on_create`` hook, after a good connection.
     hook_failed: bool = False
+    #: What failed: ``credentials``, ``connect``, ``verify`` or ``on_create``.
+    phase: str = ""
 
 
 @dataclass(slots=True, eq=False)

@@ -58,8 +58,8 @@ class Pool(PoolState):
         limit = self.config.max_waiting
         # Waiters and idle drivers never coexist (dispatch pairs them off), so
         # a full queue means nothing could serve this borrower now either.
-        if limit and len(waiters) >= limit:
-            self._reject(borrow, len(waiters), limit)
+        if limit and len(waiters) >= limit and waiters.pending() >= limit:
+            self._reject(borrow, waiters.pending(), limit)
             return
         borrow.queued_at = now
         idle = self.idle
@@ -214,8 +214,16 @@ class Pool(PoolState):
             self.counters.connect_errors += 1
         self.creations.failed(error, now)
         event = "driver.on_create_failed" if report.hook_failed else "driver.create_failed"
-        self._effects.emit(log.WARNING, event, error=describe(error), context=report.context)
-        self._fail_for_creation(error, now)
+        self._effects.emit(
+            log.WARNING,
+            event,
+            error=describe(error),
+            phase=report.phase,
+            target=self.target,
+            user=self.config.username,
+            context=report.context,
+        )
+        self._fail_for_creation(error, report.started, now)
         self.dispatch(now)
 
     def check_ended(self, report: Checked, now: float) -> None:
@@ -247,6 +255,7 @@ class Pool(PoolState):
             return
         self.counters.errors += 1
         self.counters.drivers_lost += 1
+        self.creations.last_error = error
         self._effects.emit(
             log.WARNING, "health_check.failed", driver=pooled.id, error=describe(error)
         )
@@ -413,23 +422,25 @@ class Pool(PoolState):
         self.dispatch(now)
         self._settle_ready()
 
-    def _fail_for_creation(self, error: BaseException, now: float) -> None:
-        """Who gets a creation error: the oldest waiter, or all when nothing can serve them.
+    def _fail_for_creation(self, error: BaseException, started: float, now: float) -> None:
+        """Who gets a creation error: waiters the attempt could have served, never later ones.
 
+        The oldest waiter gets it if it was there when the attempt began.
         With no driver left at all (none idle, none in use), no return can
-        serve the waiters: those no other running creation is for get the
-        error now rather than a timeout later. Readiness waits fail at once.
+        serve the waiters: those that were there too, and that no other
+        running creation is for, get the error now rather than a timeout
+        later. Waiters that came after the attempt began get a new attempt
+        (``dispatch``). Readiness waits fail at once.
         """
-        borrow = self.waiters.next()
-        if borrow is not None:
-            self._effects.refuse(borrow, error)
+        borrow = self.waiters.first()
+        if borrow is not None and borrow.queued_at <= started:
+            self._effects.refuse(self.waiters.next(), error)  # type: ignore[arg-type]
             if not self.idle and not self.in_use:
                 covered = len(self.creations) + len(self.checking)
-                while len(self.waiters) > covered:
-                    extra = self.waiters.drop_newest()
-                    if extra is not None:
-                        self._effects.refuse(extra, error)
-        else:
+                for extra in self.waiters.arrived_by(started)[covered:]:
+                    self.waiters.remove(extra)
+                    self._effects.refuse(extra, error)
+        elif borrow is None:
             self.creations.back_off(now)
         for request in self.ready_waiters:
             self._effects.refuse(request, error)

@@ -16,13 +16,21 @@ from broker.errors import BrokerError
 
 __all__ = ["CONNECTION_ERRORS", "PooledDriver", "is_connection_error"]
 
-#: Errors after which a returned driver is checked before it is used again
-#: (a timeout may have cut a query short on a connection that no longer answers).
+#: Errors after which a returned driver is checked before it is used again:
+#: the connection may be gone (a timeout may have cut a query short on a
+#: connection that no longer answers), or the driver's credentials may be
+#: refused (a wrong or stale password, an expired token), in which case the
+#: check fails and the driver is replaced by one made with fresh credentials.
 CONNECTION_ERRORS: Final = (
     neo4j.exceptions.ServiceUnavailable,
     neo4j.exceptions.SessionExpired,
     TimeoutError,
+    neo4j.exceptions.AuthError,
+    neo4j.exceptions.AuthConfigurationError,
 )
+
+#: A security error that says nothing about the driver: the query was not allowed.
+_NOT_THE_DRIVER = (neo4j.exceptions.Forbidden,)
 
 _driver_ids = itertools.count(1)
 
@@ -62,7 +70,17 @@ class PooledDriver:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """A connection-level error, also inside an exception group (a ``TaskGroup``)."""
+    """An error after which the driver is checked: its connection or its credentials.
+
+    Also inside an exception group (a ``TaskGroup``).
+    """
     if isinstance(exc, BaseExceptionGroup):
         return any(is_connection_error(inner) for inner in exc.exceptions)
-    return isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, BrokerError)
+    if isinstance(exc, (BrokerError, *_NOT_THE_DRIVER)):
+        return False
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    code = getattr(exc, "code", None)  # Neo4jError's status code, e.g. an authentication rate limit
+    return isinstance(exc, neo4j.exceptions.Neo4jError) and str(code).startswith(
+        "Neo.ClientError.Security."
+    )

@@ -110,13 +110,9 @@ class Waiters:
             self._queue.popleft()
         return borrow
 
-    def drop_newest(self) -> Borrow | None:
-        """Remove the newest borrower; return it if it still waits (a cancelled one is skipped)."""
-        borrow = self._queue.pop()
-        if borrow.pending():
-            return borrow
-        self._skipped(borrow)
-        return None
+    def arrived_by(self, moment: float) -> list[Borrow]:
+        """Borrowers still waiting that were queued at or before ``moment``, oldest first."""
+        return [b for b in self._queue if b.pending() and b.queued_at <= moment]
 
     def pending(self) -> int:
         """How many borrowers really wait (cancelled ones not counted)."""

@@ -6,8 +6,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import neo4j
+import pytest
+
 import broker
 from broker import Broker
+from tests.helpers import eventually
 
 MakeBroker = Callable[..., Broker]
 
@@ -37,3 +41,99 @@ async def test_cancelling_every_other_task_leaves_the_loop_a_working_pool(
             assert await query(conn) == 1
     totals: dict[str, Any] = b.totals()
     assert totals["borrows"] == 4 and totals["timeouts"] == 0
+
+
+async def test_a_driver_refused_by_the_server_is_checked_and_replaced(
+    make_broker: MakeBroker,
+) -> None:
+    """verify_on_create=False and a wrong password: the first query's AuthError
+    sends the driver back to be checked; it is discarded, counted, and once the
+    secret is right the next borrows get a new driver."""
+    right = make_broker().config.password
+    secret = {"password": "not-the-password"}
+    b = make_broker(
+        pool_min_size=0,
+        pool_max_size=1,
+        verify_on_create=False,
+        credentials=lambda: secret["password"],
+    )
+    with pytest.raises(neo4j.exceptions.AuthError):
+        async with b.borrow() as conn:
+            await query(conn)
+    await eventually(lambda: b.totals()["drivers_lost"] == 1, what="the bad driver discarded")
+    (entry,) = (await b.stats()).values()
+    assert entry["returns_bad"] == 1 and entry["errors"] == 1
+    assert entry["last_error"] is not None and "AuthError" in entry["last_error"]
+    secret["password"] = right
+    for _ in range(5):
+        async with b.borrow(timeout=10) as conn:
+            assert await query(conn) == 1
+    assert b.totals()["discarded"] == 1
+
+
+async def test_a_creation_error_reaches_only_the_waiters_it_could_have_served(
+    make_broker: MakeBroker,
+) -> None:
+    """A credentials call hangs during a short outage of the secret store; the
+    borrowers who arrive after it ended get a new attempt, not the old error,
+    and the error names what hung."""
+    right = make_broker().config.password
+    outage = asyncio.Event()
+
+    async def credentials() -> str:
+        if not outage.is_set():
+            await asyncio.sleep(60)  # the secret store does not answer
+        return right
+
+    b = make_broker(
+        pool_min_size=0,
+        pool_max_size=1,
+        connection_acquisition_timeout=2.0,
+        credentials=credentials,
+    )
+    first = asyncio.ensure_future(b.borrow(timeout=10).__aenter__())
+    await asyncio.sleep(0.7)
+    outage.set()  # the store is back; the attempt under way still hangs
+
+    async def borrow_once() -> int:
+        async with b.borrow(timeout=10) as conn:
+            return await query(conn)
+
+    results = await asyncio.gather(*(borrow_once() for _ in range(5)), return_exceptions=True)
+    assert results == [1] * 5
+    with pytest.raises(TimeoutError, match=r"credentials\(\) did not return within 2 s"):
+        await first
+
+
+async def test_a_slow_on_create_hook_is_named_with_its_limit(make_broker: MakeBroker) -> None:
+    async def slow_hook(driver: neo4j.AsyncDriver) -> None:
+        await asyncio.sleep(5)
+
+    b = make_broker(
+        pool_min_size=0, pool_max_size=1, connection_acquisition_timeout=0.5, on_create=slow_hook
+    )
+    with pytest.raises(TimeoutError) as failed:
+        async with b.borrow(timeout=5):
+            pass
+    assert "on_create hook" in str(failed.value) and "slow_hook" in str(failed.value)
+    assert "0.5 s" in str(failed.value)
+    (entry,) = (await b.stats()).values()
+    assert "slow_hook" in entry["last_error"] and entry["hook_errors"] == 1
+
+
+async def test_max_waiting_does_not_count_a_cancelled_waiter(make_broker: MakeBroker) -> None:
+    b = make_broker(pool_min_size=0, pool_max_size=1, max_waiting=1)
+    async with b.borrow() as held:
+        waiter = asyncio.ensure_future(b.borrow(timeout=10).__aenter__())
+        await asyncio.sleep(0.05)  # it waits
+        # In one loop step: the waiter is cancelled, and a new borrow comes
+        # (its task runs before the cancelled one posts its withdrawal).
+        follower = asyncio.ensure_future(b.borrow(timeout=10).__aenter__())
+        waiter.cancel()
+        await asyncio.sleep(0)
+        assert await query(held) == 1
+    conn = await asyncio.wait_for(follower, 10)
+    assert await query(conn) == 1
+    await conn.release()
+    totals = b.totals()
+    assert totals["rejected"] == 0 and totals["cancellations"] == 1
