@@ -69,6 +69,7 @@ class Pool(PoolState):
             and idle
             and not borrow.waiter.done()
             and not idle.next().needs_check(now, self.config.health_check_interval)
+            and not idle.next().is_closed()
         ):
             self._give(idle.take(), borrow, now)
             return
@@ -146,6 +147,10 @@ class Pool(PoolState):
         pooled.last_used = now
         if broken:
             self.counters.returns_bad += 1
+        if pooled.is_closed():
+            self._discard_closed(pooled, "returned")
+            self.dispatch(now)
+            return
         reason = self._retire_reason(pooled, now)
         hook = self.config.on_return is not None
         if reason is not None:
@@ -362,6 +367,9 @@ class Pool(PoolState):
             if borrow is None:
                 break
             pooled = idle.take()
+            if pooled.is_closed():
+                self._discard_closed(pooled, "idle")
+                continue
             if pooled.needs_check(now, interval):
                 self._check(pooled, hook=False, verify=True)
                 continue
@@ -391,6 +399,17 @@ class Pool(PoolState):
         else:
             self.wait_histogram.observe_zero()
         self._effects.resolve(borrow, pooled)
+
+    def _discard_closed(self, pooled: PooledDriver, found: str) -> None:
+        """A driver someone closed (its borrower, a library's ``finalize()``) leaves for good."""
+        self._effects.emit(
+            log.WARNING,
+            "driver.closed_by_borrower",
+            driver=pooled.id,
+            found=found,
+            hint="a borrowed driver belongs to the pool: release it, never close it",
+        )
+        self._close(pooled, "closed by its borrower", discarded=True)
 
     def _retire_reason(self, pooled: PooledDriver, now: float) -> str | None:
         """Why a driver coming back (from a borrower or a job) must close, if it must."""

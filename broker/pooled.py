@@ -65,6 +65,11 @@ class PooledDriver:
             return False
         return now - max(self.last_used, self.last_checked) > interval
 
+    def is_closed(self) -> bool:
+        """Closed by someone else (a borrower's ``driver.close()``): never lend it again."""
+        # The driver says so only through this flag; one that lacks it counts as open.
+        return getattr(self.driver, "_closed", False) is True
+
     def __repr__(self) -> str:
         return f"<PooledDriver #{self.id}>"
 

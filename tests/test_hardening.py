@@ -137,3 +137,21 @@ async def test_max_waiting_does_not_count_a_cancelled_waiter(make_broker: MakeBr
     await conn.release()
     totals = b.totals()
     assert totals["rejected"] == 0 and totals["cancellations"] == 1
+
+
+async def test_a_driver_closed_by_its_borrower_never_goes_back_into_service(
+    make_broker: MakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A library's finalize() closes the driver it holds: the pool discards it,
+    counts it, says so, and the next borrows get a working driver."""
+    b = make_broker(pool_min_size=0, pool_max_size=1)
+    async with b.borrow() as conn:
+        await query(conn)
+        await conn.driver.close()
+    for _ in range(5):
+        async with b.borrow(timeout=10) as conn:
+            assert await query(conn) == 1
+    totals = b.totals()
+    assert totals["discarded"] == 1 and totals["created"] == 2
+    warned = [r for r in caplog.records if "driver.closed_by_borrower" in r.getMessage()]
+    assert warned and "loop=" in warned[0].getMessage()

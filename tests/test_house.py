@@ -100,6 +100,7 @@ def _private_reads(path: Path) -> list[tuple[int, str]]:
             and len(node.args) >= 2
             and isinstance(node.args[1], ast.Constant)
             and str(node.args[1].value).startswith("_")
+            and not str(node.args[1].value).endswith("__")  # a dunder is public protocol
         ):
             reads.append((node.lineno, str(node.args[1].value)))
     return reads
