@@ -12,6 +12,9 @@ with::
 (or ``app.conf.worker_pool = "broker.celery_asyncio:AsyncioPool"``). When the
 pool stops, after its running tasks finished, the loop ends and its pool
 closes its drivers in it, before ``worker_shutdown`` closes the rest.
+
+A task whose coroutine raises ``SystemExit`` or ``KeyboardInterrupt`` fails
+with :class:`TaskExited`; the loop and the other tasks go on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "broker.celery_asyncio needs Celery: pip install 'neo4j-loop-broker[celery]'"
     ) from exc
 
-__all__ = ["AsyncioPool", "SharedLoop", "shared_loop"]
+__all__ = ["AsyncioPool", "SharedLoop", "TaskExited", "shared_loop"]
 
 T = TypeVar("T")
 
@@ -39,6 +42,25 @@ _current: SharedLoop | None = None
 def shared_loop() -> SharedLoop | None:
     """The running shared loop of this process's :class:`AsyncioPool`, if any."""
     return _current
+
+
+class TaskExited(Exception):
+    """A task's coroutine raised ``SystemExit`` or ``KeyboardInterrupt``.
+
+    Raised where the loop would have stopped: the task fails with it, the
+    shared loop and its other tasks go on, as with ``-P threads``.
+    """
+
+
+async def _contained(coro: Coroutine[Any, Any, T]) -> T:
+    # On the loop an exit would end run_forever, for every task at once.
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise TaskExited(
+            f"the task raised {type(exc).__name__}({', '.join(map(repr, exc.args))}); "
+            "it failed alone, the worker's event loop goes on"
+        ) from exc
 
 
 class SharedLoop:
@@ -62,11 +84,15 @@ class SharedLoop:
         return self._loop
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the shared loop, next to the others; wait for its result."""
+        """Run ``coro`` on the shared loop, next to the others; wait for its result.
+
+        A ``SystemExit`` or ``KeyboardInterrupt`` it raises comes back as
+        :class:`TaskExited`: it fails this call alone, the loop goes on.
+        """
         if self._loop is None or not self._thread.is_alive():
             coro.close()
             raise RuntimeError("the shared loop is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(_contained(coro), self._loop).result()
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the loop: its pools close their drivers in it before it closes."""
