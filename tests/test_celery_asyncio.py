@@ -11,11 +11,10 @@ states, how long they took) and what the worker logged.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from celery.exceptions import TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 
 from broker.testing import BoltServer
@@ -54,15 +53,15 @@ async def hold(seconds, obey_soft):
     """Hold a driver ``seconds``; say when the soft limit was raised in here."""
     started = time.monotonic()
     soft_at = None
-    async with broker.borrow() as conn:
-        await conn.driver.execute_query("RETURN 1")
-        while time.monotonic() - started < seconds:
-            try:
+    while time.monotonic() - started < seconds:
+        try:
+            async with broker.borrow() as conn:
+                await conn.driver.execute_query("RETURN 1")
                 await asyncio.sleep(seconds - (time.monotonic() - started))
-            except SoftTimeLimitExceeded:
-                soft_at = round(time.monotonic() - started, 2)
-                if obey_soft:
-                    break
+        except SoftTimeLimitExceeded:
+            soft_at = round(time.monotonic() - started, 2)
+            if obey_soft:
+                break
     return {{"soft_at": soft_at, "seconds": round(time.monotonic() - started, 2)}}
 
 
@@ -94,11 +93,6 @@ def aio_worker(
         yield live
 
 
-def timed(result: Any, timeout: float) -> tuple[Any, float]:
-    started = time.monotonic()
-    return result.get(timeout=timeout, interval=0.05), time.monotonic() - started
-
-
 def in_use(live: LiveWorker) -> int:
     stats = live.call("examples.worker_stats", timeout=10)
     return sum(loop["in_use"] for loop in stats["loops"].values())
@@ -126,4 +120,37 @@ def test_a_task_that_exits_fails_alone_and_later_tasks_succeed(
     assert before["ok"] and all(probe["ok"] for probe in after)
     assert {probe["loop"] for probe in after} == {before["loop"]}
     assert "the shared loop is not running" not in run.output
+    assert run.exit_code == 0
+
+
+def test_soft_and_hard_time_limits_end_the_coroutine(
+    bolt_server: BoltServer, celery_broker_url: str
+) -> None:
+    with aio_worker(bolt_server, celery_broker_url, concurrency=4, pool_max_size=4) as live:
+        send = live.client.send_task
+        obeys = send("aio.limited", args=(20, True))  # soft 1 s, hard 2 s
+        ignores = send("aio.limited", args=(20, False))
+        by_default = send("aio.hold", args=(20, False))  # app.conf.task_time_limit
+        by_message = send("aio.hold", args=(20, False), time_limit=1.5, soft_time_limit=0.5)
+        value = obeys.get(timeout=10, interval=0.05)
+        for ended in (ignores, by_default, by_message):
+            with pytest.raises(TimeLimitExceeded):
+                ended.get(timeout=10, interval=0.05)
+        # Each driver came back to the pool.
+        assert in_use(live) == 0
+        run = live.stop()
+    # The soft limit was raised inside the coroutine, which returned its result.
+    assert value["soft_at"] is not None and 0.9 <= value["soft_at"] < 1.8, value
+    assert value["seconds"] < 2, value
+    assert ignores.state == by_default.state == by_message.state == "FAILURE"
+    # Celery's own warning and error, each with the limit that applied.
+    soft = (("1", "aio.limited", obeys), ("1", "aio.limited", ignores))
+    for limit, name, task in (*soft, ("0.5", "aio.hold", by_message)):
+        assert f"Soft time limit ({limit}s) exceeded for {name}[{task.id}]" in run.output
+    hard = (("2", "aio.limited", ignores), (str(DEFAULT_HARD), "aio.hold", by_default))
+    for limit, name, task in (*hard, ("1.5", "aio.hold", by_message)):
+        assert f"Hard time limit ({limit}s) exceeded for {name}[{task.id}]" in run.output
+    assert f"Hard time limit (2s) exceeded for aio.limited[{obeys.id}]" not in run.output
+    returned = {e.get("task_id") for e in run.events if e.get("event") == "return"}
+    assert {obeys.id, ignores.id, by_default.id, by_message.id} <= returned
     assert run.exit_code == 0
