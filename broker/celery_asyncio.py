@@ -18,6 +18,8 @@ A task's ``soft_time_limit`` and ``time_limit`` (or the worker's
 the soft limit Celery's ``SoftTimeLimitExceeded`` is raised inside the
 coroutine, at the hard one the coroutine is cancelled (its drivers go back)
 and the task fails with ``TimeLimitExceeded`` (see :mod:`broker.celery_job`).
+``revoke(id, terminate=True)`` cancels the task's coroutine the same way
+(any signal); Celery records the task as revoked.
 A task whose coroutine raises ``SystemExit`` or ``KeyboardInterrupt`` fails
 with :class:`TaskExited`; the loop and the other tasks go on.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 try:
@@ -173,7 +176,17 @@ class AsyncioPool(thread.TaskPool):  # type: ignore[misc]
         future = self.executor.submit(
             self._run_job, job, target, args, kwargs, callback, accept_callback, timeout_callback
         )
-        return thread.ApplyResult(future)
+        return JobResult(future, job)
+
+    def terminate_job(self, pid: int, signal: Any = None) -> None:
+        """``revoke(id, terminate=True)``: cancel the task's coroutine, whatever the signal.
+
+        ``pid`` is the job's id, which Celery took for the worker's pid when
+        the task started; a job already done is left alone.
+        """
+        job = self._jobs.get(pid)
+        if job is not None:
+            job.terminate()
 
     def _run_job(
         self,
@@ -208,6 +221,17 @@ class AsyncioPool(thread.TaskPool):  # type: ignore[misc]
         current = _current
         info["event-loop"] = str(id(current.loop)) if current is not None else None
         return info
+
+
+class JobResult(thread.ApplyResult):  # type: ignore[misc]
+    """What Celery keeps of a task given to the pool; ``terminate`` cancels its coroutine."""
+
+    def __init__(self, future: Future[Any], job: celery_job.Job) -> None:
+        super().__init__(future)
+        self.job = job
+
+    def terminate(self, signal: Any = None) -> None:
+        self.job.terminate()
 
 
 def _soft_reporter(

@@ -6,9 +6,10 @@ one task as that pool sees it. On the loop it:
 
 - raises Celery's ``SoftTimeLimitExceeded`` inside the coroutine at the soft
   limit (the coroutine may catch it and clean up);
-- cancels the coroutine at the hard limit; the tracer's thread then gets
-  :class:`JobEnded`, which the pool turns into what Celery records
-  (``TimeLimitExceeded``).
+- cancels the coroutine at the hard limit, or when the task is revoked with
+  ``terminate=True``; the tracer's thread then gets :class:`JobEnded`, which
+  the pool turns into what Celery records (``TimeLimitExceeded``, or nothing
+  more for a revoke, which Celery has already announced).
 
 Limits count from the moment the task started on its thread, as Celery's own
 pools count them; only the coroutine can be stopped, not synchronous code
@@ -37,7 +38,7 @@ _local = threading.local()
 
 
 class JobEnded(BaseException):
-    """The pool ended a job's coroutine at its hard time limit.
+    """The pool ended a job's coroutine: its hard time limit, or a terminating revoke.
 
     A ``BaseException``, so that Celery's tracer lets it through instead of
     recording it as the task's own failure; the pool records the end.
@@ -84,6 +85,15 @@ class Job:
         finally:
             _local.job = None
 
+    def terminate(self) -> None:
+        """Cancel the job's coroutine, now or as soon as it starts (from any thread)."""
+        if self.ended is None:
+            self.ended = JobEnded("terminated")
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._cancel)
+
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` within the job's limits (on the shared loop)."""
         loop = asyncio.get_running_loop()
@@ -94,7 +104,7 @@ class Job:
             if limit is not None
         ]
         try:
-            if self.ended is not None:  # past its hard limit before its coroutine started
+            if self.ended is not None:  # ended before its coroutine started
                 coro.close()
                 raise self.ended
             result = await (_steered(coro, self) if self.soft is not None else coro)

@@ -11,14 +11,17 @@ states, how long they took) and what the worker logged.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 
 from broker.testing import BoltServer
 from tests.test_celery import LiveWorker, celery_worker
+from tests.test_celery_fleet import read_events
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -93,6 +96,11 @@ def aio_worker(
         yield live
 
 
+def timed(result: Any, timeout: float) -> tuple[Any, float]:
+    started = time.monotonic()
+    return result.get(timeout=timeout, interval=0.05), time.monotonic() - started
+
+
 def in_use(live: LiveWorker) -> int:
     stats = live.call("examples.worker_stats", timeout=10)
     return sum(loop["in_use"] for loop in stats["loops"].values())
@@ -153,4 +161,32 @@ def test_soft_and_hard_time_limits_end_the_coroutine(
     assert f"Hard time limit (2s) exceeded for aio.limited[{obeys.id}]" not in run.output
     returned = {e.get("task_id") for e in run.events if e.get("event") == "return"}
     assert {obeys.id, ignores.id, by_default.id, by_message.id} <= returned
+    assert run.exit_code == 0
+
+
+def test_revoke_with_terminate_cancels_the_coroutine_and_frees_its_driver(
+    bolt_server: BoltServer, celery_broker_url: str
+) -> None:
+    with aio_worker(bolt_server, celery_broker_url, concurrency=2, pool_max_size=1) as live:
+        # Longer than any limit: only the revoke can end it early.
+        long = live.client.send_task("aio.hold", args=(60, False), time_limit=120)
+        deadline = time.monotonic() + 30
+        while not any(
+            e.get("event") == "borrow" and e.get("task_id") == long.id
+            for e in read_events(live.work / "broker.jsonl")
+        ):
+            assert time.monotonic() < deadline, "the long task never borrowed"
+            time.sleep(0.05)
+        live.client.control.revoke(long.id, terminate=True)
+        with pytest.raises(TaskRevokedError):
+            long.get(timeout=10, interval=0.05)
+        # The one driver came back: the next task is served at once.
+        probe, seconds = timed(live.client.send_task("examples.probe", args=("next",)), 10)
+        assert probe["ok"] and seconds < 5
+        assert in_use(live) == 0
+        run = live.stop()
+    assert long.state == "REVOKED"
+    assert "does not implement kill_job" not in run.output
+    returned = [e for e in run.events if e.get("event") == "return" and e.get("task_id") == long.id]
+    assert len(returned) == 1
     assert run.exit_code == 0
