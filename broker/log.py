@@ -14,6 +14,7 @@ on standard error. :func:`configure` shows more in one call::
 
     broker.log.configure(level="DEBUG")              # readable lines
     broker.log.configure(level="DEBUG", json=True)   # JSON objects, every field
+    broker.log.configure(json=True, stream=sys.stdout)   # INFO and up, to stdout
 """
 
 from __future__ import annotations
@@ -209,15 +210,17 @@ def configure(
     logger's handlers (a Celery worker's log, ``logging.basicConfig`` ...),
     or standard error while the root logger has none. With ``stream``, they
     are written there and not passed on. ``level`` None follows the root
-    logger's level (a Celery worker's ``--loglevel``); otherwise events from
-    that level up are shown. ``json`` turns each event into a JSON object
-    with every field, timestamp and level included.
+    logger's level (a Celery worker's ``--loglevel``) when events join the
+    application's logging, and means ``INFO`` with a ``stream`` (the root's
+    default, WARNING, would show nearly nothing there); otherwise events
+    from that level up are shown. ``json`` turns each event into a JSON
+    object with every field, timestamp and level included.
 
     An application that configured structlog keeps its own processors; this
     call then only sets the stdlib logger ``broker``'s level and handler.
     """
     global _handler, _render_json
-    numeric = _level_number(level)
+    numeric = _level_number(INFO if level is None and stream is not None else level)
     handler: logging.Handler = _Stderr() if stream is None else logging.StreamHandler(stream)
     plain = "%(message)s" if json else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(plain))

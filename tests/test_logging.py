@@ -248,6 +248,28 @@ async def test_configure_writes_json_once_to_its_stream(
     assert not log.enabled(log.INFO) and log.enabled(log.WARNING)
 
 
+async def test_configure_with_a_stream_shows_info_whatever_the_root_level(
+    make_broker: MakeBroker, broker_logger: logging.Logger
+) -> None:
+    """A stream named without a level: INFO events are shown though the root is at WARNING."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)  # Python's default
+    try:
+        stream = io.StringIO()
+        log.configure(json=True, stream=stream)
+        b = make_broker(pool_min_size=0)
+        async with b.borrow():
+            pass
+        await b.aclose()
+    finally:
+        root.setLevel(before)
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert "driver.created" in events and "driver.closed" in events, events
+    assert "borrow" not in events, "debug events stay hidden unless asked for"
+    assert log.enabled(log.INFO) and not log.enabled(log.DEBUG)
+
+
 async def test_configure_joins_the_root_handlers_at_the_root_level(
     make_broker: MakeBroker, broker_logger: logging.Logger
 ) -> None:

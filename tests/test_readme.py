@@ -157,6 +157,33 @@ def test_the_readme_has_python_to_run() -> None:
     assert any(r.is_test_dir for r in RUNS), "the testing example is missing"
 
 
+def section_of(markdown: str, line: int) -> str:
+    """The heading (``##`` or ``###``) a line of the README falls under."""
+    heading = ""
+    for text in markdown.splitlines()[:line]:
+        if re.match(r"^#{2,3} ", text):
+            heading = text.lstrip("#").strip()
+    return heading
+
+
+#: Sections a reader copies code from: each has a Python block that runs (not a fragment).
+SECTIONS_WITH_CODE = (
+    "Use",
+    "Using it with Celery",
+    "Which timeout bounds what",
+    "Operating the pools",
+    "Logs",
+    "Metrics",
+    "Testing your own code",
+)
+
+
+def test_every_section_with_code_has_a_block_that_runs() -> None:
+    markdown = README.read_text()
+    covered = {section_of(markdown, run.line) for run in RUNS}
+    assert [name for name in SECTIONS_WITH_CODE if name not in covered] == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS, ids=[f"README.md:{r.line}" for r in RUNS])
 def test_readme_block_runs(run: Run, bolt_server: BoltServer, tmp_path: Path) -> None:
