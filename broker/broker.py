@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import neo4j
 
@@ -39,12 +39,19 @@ from broker.pool import COUNTERS, Pool
 from broker.registry import LoopRegistry, loop_key
 from broker.workspace import check_workspace, prepare_workspace
 
+if TYPE_CHECKING:
+    from broker.loopsafe import LoopSafeDriver
+
 __all__ = ["Broker", "default_driver_factory"]
+
+
+# The driver's own constructor, taken before ``broker.patch_neo4j()`` can replace it.
+_open_driver = neo4j.AsyncGraphDatabase.driver
 
 
 def default_driver_factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
     """A new, not yet connected, official async driver for ``config``."""
-    return neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+    return _open_driver(config.uri, **config.driver_kwargs())
 
 
 class Broker:
@@ -100,6 +107,12 @@ class Broker:
         and then raises :class:`~broker.BorrowTimeout`.
         """
         return Connection(self, timeout)
+
+    def driver(self) -> LoopSafeDriver:
+        """A loop-safe stand-in for ``neo4j.AsyncDriver``, served by this broker's pools."""
+        from broker.loopsafe import LoopSafeDriver
+
+        return LoopSafeDriver(self)
 
     async def release(self, connection: Connection) -> None:
         """Give back a connection borrowed from this broker."""

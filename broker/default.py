@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import runner
 from broker.actor import DriverFactory
 from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
+
+if TYPE_CHECKING:
+    from broker.loopsafe import LoopSafeDriver
+    from broker.patch import PatchHandle
 
 __all__ = [
     "aclose",
@@ -25,7 +29,9 @@ __all__ = [
     "close_process_pools",
     "configure",
     "drain",
+    "driver",
     "get_broker",
+    "patch_neo4j",
     "pop_stats",
     "release",
     "resize",
@@ -73,6 +79,20 @@ def get_broker() -> Broker:
                 _default._closed_hint = _DEFAULT_CLOSED
             current = _default
     return current
+
+
+def driver() -> LoopSafeDriver:
+    """A loop-safe stand-in for ``neo4j.AsyncDriver`` on the default broker (the current one)."""
+    from broker.loopsafe import LoopSafeDriver
+
+    return LoopSafeDriver(get_broker)
+
+
+def patch_neo4j() -> PatchHandle:
+    """Have ``neo4j.AsyncGraphDatabase.driver`` return loop-safe drivers (see ``broker.patch``)."""
+    from broker.patch import patch_neo4j as turn_on
+
+    return turn_on()
 
 
 def borrow(timeout: float | None = None) -> Connection:

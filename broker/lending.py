@@ -1,0 +1,133 @@
+"""Shares of borrowed drivers, lent to a loop-safe driver's sessions in one event loop.
+
+An ``AsyncDriver`` serves concurrent coroutines of its own loop, so several
+sessions may use one borrowed driver at once. A :class:`Lease` is one
+borrowed driver and how many sessions use it now; :class:`LoopLeases` holds
+the leases of one (loop-safe driver, loop) pair. Both are only ever touched
+from that loop's thread, so they need no lock. A driver goes back to its
+pool when its last session ends, checked first if any session saw a
+connection-level error on it. ``borrow()`` keeps its exclusive meaning: the
+pool sees one borrow per lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from broker.connection import CONNECTION_ERRORS, Connection
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+
+__all__ = ["Lease", "LoopLeases", "give", "is_connection_error", "take"]
+
+
+class _Retry(Exception):
+    """The borrow a share waited for was cancelled: look again."""
+
+
+class Lease:
+    """One borrowed driver and the sessions using it now."""
+
+    __slots__ = ("broken", "broker", "conn", "owner", "shares", "waiters")
+
+    def __init__(self, broker: Broker, owner: LoopLeases) -> None:
+        self.broker = broker
+        self.owner = owner
+        #: None while the borrow is still on its way.
+        self.conn: Connection | None = None
+        self.shares = 1
+        #: A session saw a connection-level error: no new shares, checked on return.
+        self.broken = False
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+
+class LoopLeases:
+    """The leases of one loop-safe driver in one event loop."""
+
+    __slots__ = ("leases",)
+
+    def __init__(self) -> None:
+        self.leases: list[Lease] = []
+
+
+async def take(leases: LoopLeases, broker: Broker, cap: int) -> Lease:
+    """A share of a driver with room for one more session, borrowing one if none has."""
+    while True:
+        for lease in leases.leases:
+            if lease.shares < cap and lease.broker is broker and not lease.broken:
+                break
+        else:
+            return await _borrow(leases, broker)
+        lease.shares += 1
+        if lease.conn is not None:
+            return lease
+        try:
+            await _wait_for(lease)
+        except _Retry:
+            continue
+        return lease
+
+
+async def _wait_for(lease: Lease) -> None:
+    """Wait for a lease whose borrow is on its way; our share is already counted."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if lease.waiters is None:
+        lease.waiters = []
+    lease.waiters.append(waiter)
+    try:
+        await waiter
+    except BaseException:
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            give(lease)  # it arrived as we were cancelled
+        elif not waiter.done():
+            lease.waiters.remove(waiter)
+            lease.shares -= 1
+        raise
+
+
+async def _borrow(leases: LoopLeases, broker: Broker) -> Lease:
+    lease = Lease(broker, leases)
+    leases.leases.append(lease)
+    try:
+        conn = await broker.borrow()
+    except BaseException as exc:
+        leases.leases.remove(lease)
+        _wake(lease, exc if isinstance(exc, Exception) else _Retry())
+        raise
+    lease.conn = conn
+    _wake(lease, None)
+    return lease
+
+
+def _wake(lease: Lease, error: Exception | None) -> None:
+    waiters, lease.waiters = lease.waiters, None
+    for waiter in waiters or ():
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+def give(lease: Lease) -> None:
+    """Give one share back; the last one returns the driver to its pool."""
+    lease.shares -= 1
+    conn = lease.conn
+    if lease.shares > 0 or conn is None:
+        return
+    lease.conn = None
+    if lease in lease.owner.leases:
+        lease.owner.leases.remove(lease)
+    if lease.broken:
+        conn.mark_broken()
+    conn.release_sync()
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A connection-level error (also inside an exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_connection_error(inner) for inner in exc.exceptions)
+    return isinstance(exc, CONNECTION_ERRORS)
