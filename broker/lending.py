@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["Lease", "LoopLeases", "give", "is_connection_error", "take"]
 
 
+#: Sessions opened one after another on a kept driver before it goes back anyway.
+MAX_REUSES = 100
+
+
 class _Retry(Exception):
     """The borrow a share waited for was cancelled: look again."""
 
@@ -30,11 +34,15 @@ class _Retry(Exception):
 class Lease:
     """One borrowed driver and the sessions using it now."""
 
-    __slots__ = ("broken", "broker", "conn", "owner", "shares", "waiters")
+    __slots__ = ("broken", "broker", "conn", "owner", "reuses", "settling", "shares", "waiters")
 
     def __init__(self, broker: Broker, owner: LoopLeases) -> None:
         self.broker = broker
         self.owner = owner
+        #: Shares taken after it had none, without going back in between.
+        self.reuses = 0
+        #: A return is scheduled for the loop's next turn.
+        self.settling = False
         #: None while the borrow is still on its way.
         self.conn: Connection | None = None
         self.shares = 1
@@ -60,6 +68,8 @@ async def take(leases: LoopLeases, broker: Broker, cap: int) -> Lease:
                 break
         else:
             return await _borrow(leases, broker)
+        if lease.shares == 0:
+            lease.reuses += 1
         lease.shares += 1
         if lease.conn is not None:
             return lease
@@ -113,11 +123,32 @@ def _wake(lease: Lease, error: Exception | None) -> None:
 
 
 def give(lease: Lease) -> None:
-    """Give one share back; the last one returns the driver to its pool."""
+    """Give one share back; the driver goes back to its pool once none is left.
+
+    Not at once: at the loop's next turn, so code that opens its next session
+    right away (one ``execute_query`` after another) keeps the driver instead
+    of paying a return and a borrow per call. After ``MAX_REUSES`` such
+    reuses it goes back at once, so drains, lifetimes and checks still reach it.
+    """
     lease.shares -= 1
-    conn = lease.conn
-    if lease.shares > 0 or conn is None:
+    if lease.shares > 0 or lease.conn is None:
         return
+    if lease.broken or lease.reuses >= MAX_REUSES:
+        _return(lease)
+    elif not lease.settling:
+        lease.settling = True
+        asyncio.get_running_loop().call_soon(_settle, lease)
+
+
+def _settle(lease: Lease) -> None:
+    lease.settling = False
+    if lease.shares == 0 and lease.conn is not None:
+        _return(lease)
+
+
+def _return(lease: Lease) -> None:
+    conn = lease.conn
+    assert conn is not None
     lease.conn = None
     if lease in lease.owner.leases:
         lease.owner.leases.remove(lease)
