@@ -33,6 +33,8 @@ What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
   worker runs either way. The signal fires where tasks are consumed, so in
   a prefork worker the check connects in the master; it is the only thing
   :func:`setup` wires that connects;
+- with ``patch_neo4j=True``, :func:`broker.patch_neo4j` is on in every
+  worker process (at setup, ``worker_init`` and ``worker_process_init``);
 - at shutdown (``worker_shutdown`` in the worker process,
   ``worker_process_shutdown`` in each prefork child) every loop made by
   :func:`broker.run` is closed after its pools closed their drivers, then
