@@ -773,10 +773,18 @@ def memory(server: BoltServer, quick: bool) -> Result:
     return measure(server, quick)
 
 
+def loop_safe(server: BoltServer, quick: bool) -> Result:
+    """``broker.driver()`` against a hand-kept driver: see ``benchmarks.loopsafe``."""
+    from benchmarks.loopsafe import loop_safe as measure
+
+    return measure(server, quick)
+
+
 SCENARIOS: dict[str, Callable[[BoltServer, bool], Result]] = {
     "overhead": overhead,
     "celery": celery_reuse,
     "borrow": borrow_return,
     "loops": many_loops,
     "memory": memory,
+    "loopsafe": loop_safe,
 }

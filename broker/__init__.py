@@ -33,6 +33,7 @@ from broker.default import (
     close,
     configure,
     drain,
+    driver,
     get_broker,
     pop_stats,
     release,
@@ -43,6 +44,7 @@ from broker.default import (
     wait,
 )
 from broker.errors import BorrowTimeout, BrokerClosed, BrokerError, TooManyWaiters
+from broker.patch import patch_neo4j
 from broker.runner import run
 from broker.workspace import quote_identifier
 
@@ -69,7 +71,9 @@ __all__ = [
     "close",
     "configure",
     "drain",
+    "driver",
     "get_broker",
+    "patch_neo4j",
     "pop_stats",
     "quote_identifier",
     "release",

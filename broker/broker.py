@@ -27,6 +27,7 @@ from broker.connection import Connection
 from broker.effects import Effects
 from broker.errors import BrokerClosed, BrokerError
 from broker.histogram import Histogram
+from broker.loopsafe import LoopSafeDriver
 from broker.messages import CheckNow, Drain, Resize, Shutdown, StatsRequest, WaitReady
 from broker.pool import Pool
 from broker.registry import LoopRegistry, loop_key
@@ -38,9 +39,13 @@ __all__ = ["Broker", "default_driver_factory"]
 _Answer = concurrent.futures.Future[PoolStats]
 
 
+# The driver's own constructor, taken before ``broker.patch_neo4j()`` can replace it.
+_open_driver = neo4j.AsyncGraphDatabase.driver
+
+
 def default_driver_factory(config: Neo4jConnectionConfig) -> neo4j.AsyncDriver:
     """A new, not yet connected, official async driver for ``config``."""
-    return neo4j.AsyncGraphDatabase.driver(config.uri, **config.driver_kwargs())
+    return _open_driver(config.uri, **config.driver_kwargs())
 
 
 class _Settings:
@@ -116,6 +121,10 @@ class Broker:
         and then raises :class:`~broker.BorrowTimeout`.
         """
         return Connection(self, timeout)
+
+    def driver(self) -> LoopSafeDriver:
+        """A loop-safe stand-in for ``neo4j.AsyncDriver``, served by this broker's pools."""
+        return LoopSafeDriver(self)
 
     async def release(self, connection: Connection) -> None:
         """Give back a connection borrowed from this broker."""

@@ -33,6 +33,8 @@ What :func:`setup` wires, whatever the pool (``-P threads``, ``solo``,
   worker runs either way. The signal fires where tasks are consumed, so in
   a prefork worker the check connects in the master; it is the only thing
   :func:`setup` wires that connects;
+- with ``patch_neo4j=True``, :func:`broker.patch_neo4j` is on in every
+  worker process (at setup, ``worker_init`` and ``worker_process_init``);
 - at shutdown (``worker_shutdown`` in the worker process,
   ``worker_process_shutdown`` in each prefork child) every loop made by
   :func:`broker.run` is closed after its pools closed their drivers, then
@@ -65,9 +67,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "broker.celery needs Celery: pip install 'neo4j-loop-broker[celery]'"
     ) from exc
 
-from broker import celery_asyncio, default, log, runner
+from broker import celery_asyncio, default, log, patch, runner
 from broker.config import Neo4jConnectionConfig
 from broker.errors import describe
+from broker.patch import PatchHandle
 
 __all__ = ["TASK_CONTEXT_KEYS", "check_ready", "close_pools", "disconnect", "setup", "task"]
 
@@ -81,10 +84,16 @@ _lock = threading.Lock()
 _config: Neo4jConnectionConfig | None = None
 _configured_pid: int | None = None  # the process whose default broker we configured
 _ready_check = False
+_patch = False
+_patch_handle: PatchHandle | None = None
 
 
 def setup(
-    app: Any, config: Neo4jConnectionConfig | None = None, *, ready_check: bool = False
+    app: Any,
+    config: Neo4jConnectionConfig | None = None,
+    *,
+    ready_check: bool = False,
+    patch_neo4j: bool = False,
 ) -> None:
     """Wire ``app``'s worker lifecycle to the default broker.
 
@@ -99,27 +108,38 @@ def setup(
     With ``ready_check``, the worker checks at ``worker_ready`` that the
     database can be reached with this configuration and logs the result
     (see :func:`check_ready`).
+
+    With ``patch_neo4j``, :func:`broker.patch_neo4j` is turned on now and
+    again in every worker process (``worker_init``, ``worker_process_init``),
+    so code that makes its own ``AsyncGraphDatabase.driver(...)`` gets a
+    loop-safe driver in every task.
     """
-    global _config, _configured_pid, _ready_check
+    global _config, _configured_pid, _ready_check, _patch
     if not hasattr(app, "task"):
         raise TypeError(f"expected a Celery app, got {type(app).__name__}")
     with _lock:
         _config = config
         _configured_pid = None  # the next worker start (or task) configures again
         _ready_check = ready_check
+        _patch = patch_neo4j
+    _patch_once()
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=_uid(handler))
 
 
 def disconnect() -> None:
     """Undo :func:`setup`'s signal wiring (for tests that start workers in-process)."""
-    global _config, _configured_pid, _ready_check
+    global _config, _configured_pid, _ready_check, _patch, _patch_handle
     for signal, handler in _HANDLERS:
         signal.disconnect(handler, dispatch_uid=_uid(handler))
     with _lock:
         _config = None
         _configured_pid = None
         _ready_check = False
+        _patch = False
+        handle, _patch_handle = _patch_handle, None
+    if handle is not None:
+        handle.undo()
 
 
 def task(app: Any, **options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Any]:
@@ -246,13 +266,23 @@ def _configure_once() -> None:
             _configured_pid = pid
 
 
+def _patch_once() -> None:
+    """Turn ``broker.patch_neo4j()`` on in this process if :func:`setup` asked for it."""
+    global _patch_handle
+    with _lock:
+        if _patch and (_patch_handle is None or not patch.is_patched()):
+            _patch_handle = patch.patch_neo4j()
+
+
 def _on_worker_init(**_: Any) -> None:
     _configure_once()
+    _patch_once()
 
 
 def _on_worker_process_init(**_: Any) -> None:
     # A prefork child: the parent's pools were forgotten at fork; start afresh.
     _configure_once()
+    _patch_once()
 
 
 def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:

@@ -141,7 +141,7 @@ class Job:
             self.ended = JobEnded("time limit", self.hard)
         self._cancel()
 
-    def _instead_of(self, cancelled: asyncio.CancelledError) -> BaseException:
+    def instead_of(self, cancelled: asyncio.CancelledError) -> BaseException:
         """What to raise in the coroutine for a cancellation: the soft limit, if it was that."""
         if not self._soft_due or self.ended is not None or self._task is None:
             return cancelled
@@ -169,6 +169,6 @@ def _steered(coro: Coroutine[Any, Any, T], job: Job) -> Generator[Any, Any, T]:
             coro.close()
             raise
         except asyncio.CancelledError as cancelled:
-            error = job._instead_of(cancelled)
+            error = job.instead_of(cancelled)
         except BaseException as other:
             error = other

@@ -183,20 +183,20 @@ class Neo4jConnectionConfig:
     on_return: DriverHook | None = field(default=None, compare=False)
     #: Called when a pool stayed below ``pool_min_size`` for ``reconnect_timeout``.
     reconnect_failed: ReconnectFailed | None = field(default=None, compare=False)
+    #: Sessions of one loop-safe driver (``broker.driver()``) sharing one pooled driver at once.
+    sessions_per_driver: int = _env("sessions_per_driver", 16)
 
     def __post_init__(self) -> None:
         self._check_uri()
         for name in ("username", "password"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
-        for name in ("max_connection_pool_size", "max_waiting"):
+        for name in ("max_connection_pool_size", "max_waiting", "sessions_per_driver"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-        if self.max_connection_pool_size < 1:
-            raise ValueError(
-                f"max_connection_pool_size must be at least 1, got {self.max_connection_pool_size}"
-            )
+            if value < 1 and name != "max_waiting":
+                raise ValueError(f"{name} must be at least 1, got {value}")
         check_sizes(self.pool_min_size, self.pool_max_size, "pool_min_size", "pool_max_size")
         if not isinstance(self.verify_on_create, bool):
             raise ValueError(
@@ -373,6 +373,7 @@ class Neo4jConnectionConfig:
 
 _INT_FIELDS = frozenset(
     {"max_connection_pool_size", "pool_max_size", "pool_min_size", "max_waiting", "max_borrows"}
+    | {"sessions_per_driver"}
 )
 _OPTIONAL_FIELDS = frozenset(
     {"health_check_interval", "max_lifetime", "max_idle_time", "max_borrows", "reconnect_timeout"}

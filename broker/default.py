@@ -14,6 +14,7 @@ from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
 from broker.jobs import DriverFactory
+from broker.loopsafe import LoopSafeDriver
 from broker.stats import PoolStats
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "configure",
     "current",
     "drain",
+    "driver",
     "get_broker",
     "pop_stats",
     "release",
@@ -83,6 +85,11 @@ def get_broker() -> Broker:
                 _default.closed_hint = _DEFAULT_CLOSED
             current = _default
     return current
+
+
+def driver() -> LoopSafeDriver:
+    """A loop-safe stand-in for ``neo4j.AsyncDriver`` on the default broker (the current one)."""
+    return LoopSafeDriver(get_broker)
 
 
 def borrow(timeout: float | None = None) -> Connection:

@@ -29,6 +29,11 @@ def test_scenario_runs_its_work(name: str, bolt_server: BoltServer) -> None:
         for network in ("local", "TLS +1 ms"):
             reused = drivers[f"{network}, (c"]
             assert reused is not None and reused <= 4 * 4, "reused per thread"
+    if name == "loopsafe":
+        drivers = {r.case: r.drivers for r in result.rows}
+        assert drivers["gather 32: hand-kept driver"] == 1
+        assert drivers["gather 32 sessions, 32 per driver"] == 1, "one shared driver"
+        assert drivers["gather 32 sessions, 16 per driver"] == 2
     if name == "overhead":
         networks = {r.case.split(",")[0] for r in result.rows}
         assert networks == {"local", "TLS +1 ms"}
