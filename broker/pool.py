@@ -64,15 +64,13 @@ class Pool(PoolState):
         borrow.queued_at = now
         idle = self.idle
         # Nobody ahead and a driver idle: what dispatch() would do, directly.
-        if (
-            not waiters
-            and idle
-            and not borrow.waiter.done()
-            and not idle.next().needs_check(now, self.config.health_check_interval)
-            and not idle.next().is_closed()
-        ):
-            self._give(idle.take(), borrow, now)
-            return
+        if not waiters and idle and not borrow.waiter.done():
+            pooled = idle.next()
+            if not pooled.needs_check(now, self.config.health_check_interval) and (
+                not pooled.is_closed()
+            ):
+                self._give(idle.take(), borrow, now)
+                return
         waiters.append(borrow)
         self.dispatch(now)
         if borrow.pending():
@@ -116,7 +114,7 @@ class Pool(PoolState):
     def withdraw(self, request: Borrow | WaitReady, now: float) -> None:
         """A waiting caller was cancelled, or its time is up."""
         if isinstance(request, Borrow):
-            if not self.waiters.remove(request):
+            if not self.waiters.discard(request):
                 return  # answered or skipped before this arrived
         elif request in self.ready_waiters:
             self.ready_waiters.remove(request)
@@ -457,7 +455,7 @@ class Pool(PoolState):
             if not self.idle and not self.in_use:
                 covered = len(self.creations) + len(self.checking)
                 for extra in self.waiters.arrived_by(started)[covered:]:
-                    self.waiters.remove(extra)
+                    self.waiters.discard(extra)
                     self._effects.refuse(extra, error)
         elif borrow is None:
             self.creations.back_off(now)
