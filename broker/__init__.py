@@ -43,15 +43,25 @@ from broker.default import (
     totals,
     wait,
 )
-from broker.errors import BorrowTimeout, BrokerClosed, BrokerError, TooManyWaiters
+from broker.errors import (
+    AuthBackoff,
+    BorrowTimeout,
+    BrokerAuthError,
+    BrokerClosed,
+    BrokerError,
+    TooManyWaiters,
+    UserLocked,
+)
 from broker.patch import patch_neo4j
 from broker.runner import run
 from broker.workspace import quote_identifier
 
 __all__ = [
+    "AuthBackoff",
     "BorrowTimeout",
     "BorrowedConnection",
     "Broker",
+    "BrokerAuthError",
     "BrokerClosed",
     "BrokerError",
     "Connection",
@@ -63,6 +73,7 @@ __all__ = [
     "Neo4jConnectionManager",
     "PooledConnectionManager",
     "TooManyWaiters",
+    "UserLocked",
     "aclose",
     "borrow",
     "check",

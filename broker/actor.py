@@ -29,6 +29,7 @@ from typing import Any
 
 from broker import jobs, log
 from broker.asyncio_internals import running_loop
+from broker.auth_guard import AuthGuard
 from broker.config import Neo4jConnectionConfig
 from broker.errors import BrokerClosed
 from broker.jobs import DriverFactory
@@ -81,8 +82,12 @@ class Actor:
         *,
         sizes: tuple[int, int, int] | None = None,
         generation: int = 0,
+        auth_guard: AuthGuard | None = None,
     ) -> None:
         self.config = config
+        self._guard = auth_guard or AuthGuard(
+            config.uri, config.username, config.auth_retry_first, config.auth_retry_max
+        )
         self.loop = loop
         self.key = key
         self.thread_name = threading.current_thread().name
@@ -286,12 +291,12 @@ class Actor:
         self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
         """Make, verify (if ``verify``) and prepare a driver in a job of its own."""
-        job = jobs.create(self.config, self._factory, generation, started, verify)
+        job = jobs.create(self.config, self._factory, self._guard, generation, started, verify)
         self._spawn(job, Created(None, asyncio.CancelledError(), started=started), context)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
         """Run ``on_return`` and verify a driver in a job of its own."""
-        job = jobs.check(self.config, pooled, hook, verify)
+        job = jobs.check(self.config, self._guard, pooled, hook, verify)
         self._spawn(job, Checked(pooled, asyncio.CancelledError()))
 
     def start_close(self, pooled: PooledDriver) -> None:

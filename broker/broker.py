@@ -22,6 +22,7 @@ import neo4j
 from broker import inherited, log
 from broker.actor import Actor, DriverFactory
 from broker.asyncio_internals import running_loop
+from broker.auth_guard import AuthGuard
 from broker.config import Neo4jConnectionConfig, check_sizes, check_timeout
 from broker.connection import Connection
 from broker.effects import Effects
@@ -94,6 +95,11 @@ class Broker:
         self._last_actor = threading.local()
         self._totals = Totals()
         self._settings = _Settings(self.config)
+        config = self.config
+        #: Failed logins, remembered across every loop of this broker.
+        self.auth_guard = AuthGuard(
+            config.uri, config.username, config.auth_retry_first, config.auth_retry_max
+        )
         preparer = self.config.database_preparer or functools.partial(
             prepare_workspace, database=self.config.database, indexes=self.config.indexes
         )
@@ -175,6 +181,7 @@ class Broker:
             self._actor_stopped,
             sizes=sizes,
             generation=generation,
+            auth_guard=self.auth_guard,
         )
 
     def _actor_stopped(self, actor: Actor, cancelled: bool) -> None:
@@ -259,6 +266,7 @@ class Broker:
         comes back, and the pool makes new ones as it needs them.
         """
         generation = self._settings.next_generation()
+        self.auth_guard.clear()  # new drivers log in afresh: let them try at once
         if log.enabled(log.INFO):
             log.emit(log.INFO, "broker.drain", generation=generation)
         for actor in self._registry.actors():

@@ -171,6 +171,10 @@ class Neo4jConnectionConfig:
     max_borrows: int | None = _env("max_borrows", None)
     #: After this long unable to reach ``pool_min_size``, ``reconnect_failed`` is called.
     reconnect_timeout: float | None = _env("reconnect_timeout", 300.0)
+    #: After a failed login, no other is tried for this long, doubling on
+    #: each failure up to ``auth_retry_max`` (one login at a time, broker-wide).
+    auth_retry_first: float = _env("auth_retry_first", 1.0)
+    auth_retry_max: float = _env("auth_retry_max", 60.0)
     #: Credentials evaluated for each new driver (see :data:`CredentialsProvider`).
     credentials: CredentialsProvider | None = field(default=None, compare=False)
     #: Verify a driver made for a waiting borrower before handing it out; off
@@ -239,6 +243,8 @@ class Neo4jConnectionConfig:
         _check_duration("max_lifetime", self.max_lifetime, True, False)
         _check_duration("max_idle_time", self.max_idle_time, True, False)
         _check_duration("reconnect_timeout", self.reconnect_timeout, True, False)
+        _check_duration("auth_retry_first", self.auth_retry_first, False, True)
+        _check_duration("auth_retry_max", self.auth_retry_max, False, True)
 
     def _check_driver_options(self) -> None:
         if not isinstance(self.driver_options, Mapping):

@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["BorrowTimeout", "BrokerClosed", "BrokerError", "TooManyWaiters", "describe"]
+import neo4j.exceptions
+
+__all__ = [
+    "AuthBackoff",
+    "BorrowTimeout",
+    "BrokerAuthError",
+    "BrokerClosed",
+    "BrokerError",
+    "TooManyWaiters",
+    "UserLocked",
+    "describe",
+]
 
 
 class BrokerError(Exception):
@@ -58,6 +69,35 @@ def _why(pool: Mapping[str, Any]) -> str:
     if pool.get("last_error"):
         text += f"; last creation error: {pool['last_error']}"
     return text
+
+
+class BrokerAuthError(BrokerError, neo4j.exceptions.AuthError):
+    """The broker did not log in, because of what it remembers of earlier logins.
+
+    It is a ``neo4j.exceptions.AuthError`` too, so code that catches the
+    driver's authentication errors catches it. The login that failed is its
+    ``__cause__``.
+    """
+
+    @property
+    def code(self) -> str:
+        cause = self.__cause__
+        if isinstance(cause, neo4j.exceptions.Neo4jError):
+            return str(cause.code)
+        return "Neo.ClientError.Security.Unauthorized"
+
+
+class AuthBackoff(BrokerAuthError):
+    """A login failed a moment ago: no new one is tried until the backoff ends.
+
+    Every loop of the broker waits, so one stale password never sends the
+    server a login per loop (Neo4j locks a user after a few failed logins,
+    for every client of that user).
+    """
+
+
+class UserLocked(AuthBackoff):
+    """The server locked the user after repeated failed logins, for every client of it."""
 
 
 class TooManyWaiters(BrokerError):

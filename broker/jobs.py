@@ -15,8 +15,9 @@ from neo4j import AsyncDriver
 from neo4j.exceptions import ServiceUnavailable
 
 from broker import log
+from broker.auth_guard import AuthGuard, is_auth_failure
 from broker.config import Neo4jConnectionConfig
-from broker.errors import describe
+from broker.errors import AuthBackoff, describe
 from broker.messages import Checked, Closed, Created
 from broker.pooled import PooledDriver
 from broker.uri import redact_uri
@@ -30,6 +31,7 @@ DriverFactory = Callable[[Neo4jConnectionConfig], AsyncDriver]
 async def create(
     config: Neo4jConnectionConfig,
     factory: DriverFactory,
+    guard: AuthGuard,
     generation: int,
     started: float,
     verify: bool,
@@ -39,20 +41,25 @@ async def create(
     ``connection_acquisition_timeout`` bounds the whole creation; an error
     names the phase that failed: ``credentials``, ``connect``, ``verify`` or
     ``on_create``, and a timeout of ours names the server and the user.
+    After a failed login (``guard``) it fails at once without contacting the
+    server, unless it is the one login the guard lets through.
     """
     driver: AsyncDriver | None = None
     limit = config.connection_acquisition_timeout
     began = time.monotonic()
-    phase = "credentials"
+    phase, auth, admitted = "credentials", None, None
     try:
         async with asyncio.timeout(limit):
-            if config.credentials is not None:
-                config = config.for_driver(await config.auth_for_new_driver())
-            phase = "connect"
+            auth = await config.auth_for_new_driver()
+            config = config.for_driver(auth)
+            phase, admitted = "connect", guard.admit(auth)
+            if isinstance(admitted, AuthBackoff):
+                return Created(None, admitted, contextvars.copy_context(), started, phase="login")
             driver = factory(config)
-            if verify:
-                phase = "verify"
+            if verify or admitted == "probe":
+                phase = "verify"  # a login after a failure is always a real one
                 await driver.verify_connectivity()
+                guard.succeeded()
             seconds = time.monotonic() - began
             hook = config.on_create
             if hook is not None:
@@ -61,14 +68,24 @@ async def create(
     except BaseException as exc:
         if driver is not None:
             await close_quietly(driver)
+        error = _login_failed(guard, exc, auth) if admitted is not None else exc
         if isinstance(exc, asyncio.CancelledError):
             raise
-        error = _timed_out(config, phase, limit) if isinstance(exc, TimeoutError) else exc
+        if isinstance(exc, TimeoutError):
+            error = _timed_out(config, phase, limit)
         hook_failed = phase == "on_create"
         context = contextvars.copy_context()
         return Created(None, error, context, started, 0.0, hook_failed, phase)
-    pooled = PooledDriver(driver, time.monotonic(), generation)
+    pooled = PooledDriver(driver, time.monotonic(), generation, auth)
     return Created(pooled, None, contextvars.copy_context(), started, seconds)
+
+
+def _login_failed(guard: AuthGuard, exc: BaseException, auth: object) -> BaseException:
+    """Tell the guard how a login ended; the error to report."""
+    if is_auth_failure(exc):
+        return guard.failed(exc, auth)
+    guard.abandoned()  # no answer about the credentials
+    return exc
 
 
 def _timed_out(config: Neo4jConnectionConfig, phase: str, limit: float) -> Exception:
@@ -85,7 +102,7 @@ def _timed_out(config: Neo4jConnectionConfig, phase: str, limit: float) -> Excep
 
 
 async def check(
-    config: Neo4jConnectionConfig, pooled: PooledDriver, hook: bool, verify: bool
+    config: Neo4jConnectionConfig, guard: AuthGuard, pooled: PooledDriver, hook: bool, verify: bool
 ) -> Checked:
     """Run ``on_return`` (if ``hook``) and verify the driver (if ``verify`` or the hook failed)."""
     hook_error: Exception | None = None
@@ -103,6 +120,8 @@ async def check(
         async with asyncio.timeout(timeout):
             await pooled.driver.verify_connectivity()
     except Exception as exc:
+        if is_auth_failure(exc):
+            exc = guard.failed(exc, pooled.auth)  # type: ignore[assignment]
         return Checked(pooled, exc, hook_error)
     return Checked(pooled, None, hook_error)
 

@@ -38,10 +38,23 @@ _driver_ids = itertools.count(1)
 class PooledDriver:
     """One ``neo4j.AsyncDriver`` and what the pool knows about it."""
 
-    __slots__ = ("borrows", "created_at", "driver", "generation", "id", "last_checked", "last_used")
+    __slots__ = (
+        "auth",
+        "borrows",
+        "created_at",
+        "driver",
+        "generation",
+        "id",
+        "last_checked",
+        "last_used",
+    )
 
-    def __init__(self, driver: AsyncDriver, now: float, generation: int = 0) -> None:
+    def __init__(
+        self, driver: AsyncDriver, now: float, generation: int = 0, auth: object = None
+    ) -> None:
         self.driver = driver
+        #: What it logs in with (to tell a failed login's credentials apart; never shown).
+        self.auth = auth
         self.id = next(_driver_ids)
         self.created_at = now
         self.last_used = now

@@ -17,6 +17,7 @@ import neo4j.exceptions
 import pytest
 import structlog
 
+import broker
 from broker import BorrowTimeout, Broker, BrokerClosed
 from broker.broker import _set_once
 from broker.messages import Borrow, StatsRequest
@@ -319,4 +320,38 @@ async def test_a_return_from_inside_the_actors_own_step_is_delivered() -> None:
     await eventually(lambda: snapshot(b)["available"] == 1)
     async with b.borrow(timeout=1) as again:
         assert again.driver is plan.made[0]
+    await b.aclose()
+
+
+async def test_a_user_locked_by_the_server_is_said_so_and_not_tried_again() -> None:
+    """Neo4j answers AuthenticationRateLimit to every login of a locked user;
+    the broker names the lock, the user and the wait, and tries no login
+    meanwhile, from any loop. (The real server's lock: tests/test_neo4j_only.py.)"""
+    locked = neo4j.exceptions.Neo4jError._hydrate_neo4j(
+        code="Neo.ClientError.Security.AuthenticationRateLimit",
+        message="The client has provided incorrect authentication details too many times",
+    )
+    plan = DriverPlan()
+    plan.fail_next(locked)
+    b = Broker(fake_config(pool_min_size=0, auth_retry_first=30.0), driver_factory=plan)
+    with pytest.raises(broker.UserLocked) as first:
+        async with b.borrow(timeout=5):
+            pass
+    text = str(first.value)
+    assert "locked user 'neo4j'" in text and "Check the password" in text
+    assert first.value.__cause__ is locked
+    assert isinstance(first.value, neo4j.exceptions.AuthError)
+
+    def other_loop() -> None:
+        async def borrow() -> None:
+            async with b.borrow(timeout=5):
+                pass
+
+        with pytest.raises(broker.UserLocked):
+            asyncio.run(borrow())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    thread.join()
+    assert len(plan.made) == 1, "no login tried while the user is locked"
     await b.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import neo4j
 import pytest
 
 import broker
+import broker.broker
 from broker import Broker
 from tests.helpers import eventually
 
@@ -155,3 +157,71 @@ async def test_a_driver_closed_by_its_borrower_never_goes_back_into_service(
     assert totals["discarded"] == 1 and totals["created"] == 2
     warned = [r for r in caplog.records if "driver.closed_by_borrower" in r.getMessage()]
     assert warned and "loop=" in warned[0].getMessage()
+
+
+# -- failed logins, remembered broker-wide ------------------------------------------------
+
+
+def test_a_stale_password_is_tried_once_per_backoff_not_once_per_loop(
+    bolt_config: broker.Neo4jConnectionConfig,
+) -> None:
+    """asyncio.run per task with a stale password: one login, then every task
+    fails at once without contacting the server, until the backoff ends or
+    the secret changes."""
+    secret = {"password": "stale-password-1"}
+    made: list[Any] = []
+
+    def counting_factory(config: broker.Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+        made.append(config.username)
+        return broker.broker.default_driver_factory(config)
+
+    b = Broker(
+        bolt_config.replace(
+            pool_min_size=0,
+            pool_max_size=2,
+            auth_retry_first=30.0,
+            credentials=lambda: secret["password"],
+        ),
+        driver_factory=counting_factory,
+    )
+
+    async def task() -> int:
+        async with b.borrow(timeout=10) as conn:
+            return await query(conn)
+
+    with pytest.raises(neo4j.exceptions.AuthError) as first:
+        asyncio.run(task())
+    assert not isinstance(first.value, broker.AuthBackoff), "the first is the server's answer"
+    started = time.monotonic()
+    for _ in range(10):
+        with pytest.raises(broker.AuthBackoff) as refused:
+            asyncio.run(task())
+    assert time.monotonic() - started < 5, "refused at once, not after a login"
+    assert len(made) == 1, "one login for eleven loops"
+    text = str(refused.value)
+    assert repr(bolt_config.username) in text and "stale-password" not in text
+    assert isinstance(refused.value.__cause__, neo4j.exceptions.AuthError)
+    secret["password"] = bolt_config.password  # the secret was rotated: tried at once
+    assert asyncio.run(task()) == 1
+    assert len(made) == 2
+    b.close()
+
+
+def test_drain_lets_a_login_be_tried_at_once(bolt_config: broker.Neo4jConnectionConfig) -> None:
+    b = Broker(
+        bolt_config.replace(pool_min_size=0, password="stale-password-2", auth_retry_first=30.0)
+    )
+
+    async def task() -> None:
+        async with b.borrow(timeout=10):
+            pass
+
+    with pytest.raises(neo4j.exceptions.AuthError):
+        asyncio.run(task())
+    with pytest.raises(broker.AuthBackoff):
+        asyncio.run(task())
+    b.drain()
+    with pytest.raises(neo4j.exceptions.AuthError) as again:
+        asyncio.run(task())
+    assert not isinstance(again.value, broker.AuthBackoff), "drain() let a real login through"
+    b.close()
