@@ -7,9 +7,10 @@ mailbox's sync side. The actor never waits on I/O itself: creating,
 checking and closing a driver are jobs (:mod:`broker.jobs`), tasks of their
 own that report back with a message.
 
-The request protocol lives here, written once: :meth:`Actor.borrow` (post,
-wait, and withdraw or give back when cancelled), :meth:`Actor.give_back`,
-:meth:`Actor.ask` (readiness waits and checks) and :meth:`Actor.tell`.
+The request protocol lives here, written once: :meth:`Actor.request` and
+:meth:`Actor.abandon` (post, and withdraw or give back when the borrower
+stops waiting), :meth:`Actor.give_back`, :meth:`Actor.ask` (readiness waits
+and checks) and :meth:`Actor.tell`.
 
 The actor's maintenance timer is scheduled on its loop, so the loop holds
 the actor (and the actor its loop) and nothing else needs to: the process
@@ -96,7 +97,7 @@ class Actor:
         # The actor's own context: a drain on a sender's stack runs in it too.
         self._context = contextvars.Context()
         self.mailbox: Mailbox[Message] = self.mailbox_class(
-            loop, self._context, self._handle, self._failed, self._unread, self._stopping
+            loop, self._context, self._handle, self._failed, self._unread
         )
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -112,28 +113,39 @@ class Actor:
 
     # -- the request protocol (callers in the loop, or any thread) --------------
 
-    async def borrow(self, timeout: float) -> PooledDriver:
-        """A driver of this pool, for a borrower in this loop; waits up to ``timeout``."""
+    def request(self, timeout: float) -> Borrow:
+        """Ask for a driver, from a borrower in this loop.
+
+        The borrower awaits ``request.waiter`` (at most ``timeout`` seconds),
+        and calls :meth:`abandon` if that await raises anything. (Two calls
+        around the borrower's own await, rather than a coroutine of ours: a
+        borrow then costs one coroutine, the borrower's.)
+        """
         loop = self.loop
         waiter: asyncio.Future[PooledDriver] = loop.create_future()
         request = Borrow(waiter, timeout, asyncio.current_task(loop), contextvars.copy_context())
         if not self.mailbox.post(request):
             raise BrokerClosed(f"the pool of loop {self.key} has stopped")
-        try:
-            return await waiter
-        except BaseException:
-            # Also a GeneratorExit from the collector closing the borrower:
-            # posting never waits on a lock (Mailbox.post).
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed to us just as we were cancelled: give it straight back.
-                self.mailbox.post(Return(waiter.result()))
-            elif waiter.cancelled():
-                self.mailbox.post(Withdraw(request))
-            raise
+        return request
+
+    def abandon(self, request: Borrow) -> None:
+        """The borrower stopped waiting: withdraw the request, or give back what it got.
+
+        Also for a GeneratorExit from the collector closing the borrower:
+        posting never waits on a lock (Mailbox.post).
+        """
+        waiter = request.waiter
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            # Handed over just as the borrower was cancelled: give it straight back.
+            self.mailbox.post(Return(waiter.result()))
+        elif waiter.cancelled():
+            self.mailbox.post(Withdraw(request))
 
     def give_back(self, pooled: PooledDriver, broken: bool) -> bool:
         """Return a borrowed driver, from any thread. False if the pool has stopped."""
-        return self.mailbox.send(Return(pooled, broken), running_loop())
+        if running_loop() is self.loop:
+            return self.mailbox.post(Return(pooled, broken))
+        return self.mailbox.post_threadsafe(Return(pooled, broken))
 
     def give_back_soon(self, pooled: PooledDriver, broken: bool) -> bool:
         """:meth:`give_back` for a finalizer: takes no lock, posts on the loop's next turn."""
@@ -215,10 +227,6 @@ class Actor:
                 return
             await mailbox.wait()
 
-    def _stopping(self) -> bool:
-        # After a drain in our place: a stopping actor decides itself when it has stopped.
-        return self.pool.stopping is not None
-
     # -- messages --------------------------------------------------------------
 
     def _handle(self, message: Message) -> None:
@@ -281,6 +289,8 @@ class Actor:
     def _begin_stop(self, reason: str, timeout: float) -> None:
         if not self.pool.stop(reason, time.monotonic() + timeout):
             return
+        # After a drain in our place: a stopping actor decides itself when it has stopped.
+        self.mailbox.wake_after_drain = True
         if self._timer is not None:
             self._timer.cancel()
         self._arm_timer()

@@ -4,7 +4,7 @@ A :class:`Connection` is what ``broker.borrow()`` returns. It is awaitable and
 an async context manager, and it gives exclusive use of one driver from the
 current loop's pool until it is released. It keeps only its claim, its state
 and its finalizer; the request protocol itself is the actor's
-(:meth:`broker.actor.Actor.borrow`).
+(:meth:`broker.actor.Actor.request` and :meth:`~broker.actor.Actor.abandon`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,12 @@ class Connection:
             actor = lender.actor_for(loop)
             timeout = lender.config.borrow_timeout if self._timeout is None else self._timeout
             started = time.monotonic()
-            pooled = await actor.borrow(timeout)
+            request = actor.request(timeout)
+            try:
+                pooled = await request.waiter
+            except BaseException:
+                actor.abandon(request)
+                raise
         except BaseException:
             if self._state is _BORROWING:  # nothing borrowed: the handle may try again
                 self._state = _NEW

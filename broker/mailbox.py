@@ -47,8 +47,8 @@ class Mailbox(Generic[T]):
     ``handle`` is called with each message, on the loop's thread, in the
     ``context`` given; an exception it raises goes to ``failed``.
     ``unread`` answers a message that can never be handled (the mailbox was
-    shut down meanwhile). ``wake_after`` says whether the reader must still
-    wake after a sender drained in its place.
+    shut down meanwhile). Set :attr:`wake_after_drain` when the reader must
+    still wake after a sender drained in its place.
     """
 
     def __init__(
@@ -58,14 +58,14 @@ class Mailbox(Generic[T]):
         handle: Callable[[T], None],
         failed: Callable[[BaseException, T], None],
         unread: Callable[[T], None],
-        wake_after: Callable[[], bool],
     ) -> None:
         self._loop = loop
         self._context = context
         self._handle = handle
         self._failed = failed
         self._unread = unread
-        self._wake_after = wake_after
+        #: The reader decides for itself once a drain in its place is over (it is stopping).
+        self.wake_after_drain = False
         self._queue: janus.Queue[T] = janus.Queue()
         self._inbox = self._queue.async_q
         self._outside = self._queue.sync_q
@@ -195,7 +195,7 @@ class Mailbox(Generic[T]):
             return
         finally:
             self._busy = False
-        if self._wake_after():
+        if self.wake_after_drain:
             self.ring()
 
     @contextlib.contextmanager

@@ -64,13 +64,15 @@ class Pool(PoolState):
         borrow.queued_at = now
         idle = self.idle
         # Nobody ahead and a driver idle: what dispatch() would do, directly.
-        if not waiters and idle and not borrow.waiter.done():
-            pooled = idle.next()
-            if not pooled.needs_check(now, self.config.health_check_interval) and (
-                not pooled.is_closed()
-            ):
-                self._give(idle.take(), borrow, now)
-                return
+        # (A driver closed while idle is found by tick() and dispatch().)
+        if (
+            not waiters
+            and idle
+            and not borrow.waiter.done()
+            and not idle[-1].needs_check(now, self.config.health_check_interval)
+        ):
+            self._give(idle.take(), borrow, now)
+            return
         waiters.append(borrow)
         self.dispatch(now)
         if borrow.pending():
@@ -286,6 +288,9 @@ class Pool(PoolState):
             return
         config = self.config
         idle = self.idle
+        for pooled in [p for p in idle if p.is_closed()]:
+            idle.remove(pooled)
+            self._discard_closed(pooled, "idle")
         while idle and self.total() > self.min_size:
             if not idle.least_recent().is_idle_for(now, config.max_idle_time):
                 break

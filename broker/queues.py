@@ -27,17 +27,14 @@ class IdleDrivers(deque[PooledDriver]):
 
     __slots__ = ()
 
-    def put(self, pooled: PooledDriver) -> None:
-        """A driver becomes idle: it is the next to go out."""
-        self.append(pooled)
+    #: A driver becomes idle: it is the next to go out.
+    put = deque.append
+    #: Remove and return the most recently used driver.
+    take = deque.pop
 
     def next(self) -> PooledDriver:
         """The driver :meth:`take` would hand out (the pool must not be empty)."""
         return self[-1]
-
-    def take(self) -> PooledDriver:
-        """Remove and return the most recently used driver."""
-        return self.pop()
 
     def least_recent(self) -> PooledDriver:
         """The driver idle the longest (the pool must not be empty)."""

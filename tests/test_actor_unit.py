@@ -74,7 +74,8 @@ async def test_slow_creation_does_not_block_other_borrowers() -> None:
 async def test_creation_error_goes_to_the_oldest_waiter_and_frees_the_slot() -> None:
     plan = DriverPlan()
     plan.fail_next(neo4j.exceptions.AuthError("bad credentials"))
-    b = Broker(fake_config(pool_max_size=1), driver_factory=plan)
+    # No backoff after the failed login: the next borrow may log in at once.
+    b = Broker(fake_config(pool_max_size=1, auth_retry_first=0), driver_factory=plan)
     with pytest.raises(neo4j.exceptions.AuthError):
         await b.borrow()
     stats = snapshot(b)
