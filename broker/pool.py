@@ -207,8 +207,8 @@ class Pool(PoolState):
             self.counters.created += 1
             self.counters.connect_ms += report.seconds * 1000
             self.creations.succeeded()
+            self._place(pooled, now)  # first, so that the event counts it where it went
             self._effects.emit(log.INFO, "driver.created", driver=pooled.id, context=report.context)
-            self._place(pooled, now)
             return
         if error is None or isinstance(error, asyncio.CancelledError):
             return  # the loop is ending

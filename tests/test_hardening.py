@@ -225,3 +225,15 @@ def test_drain_lets_a_login_be_tried_at_once(bolt_config: broker.Neo4jConnection
         asyncio.run(task())
     assert not isinstance(again.value, broker.AuthBackoff), "drain() let a real login through"
     b.close()
+
+
+async def test_the_created_event_counts_the_new_driver(
+    make_broker: MakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``driver.created ... total=0`` read as a contradiction: the event counts
+    the driver it announces, where it went (here: to the waiting borrower)."""
+    b = make_broker(pool_min_size=0, pool_max_size=1)
+    async with b.borrow() as conn:
+        await query(conn)
+    (created,) = [r.getMessage() for r in caplog.records if "driver.created" in r.getMessage()]
+    assert " total=1" in created and " in_use=1" in created, created
