@@ -31,10 +31,11 @@ unit: install
 
 test: lint typecheck unit
 
-# The tests of other loops and ways to drive them, e.g. on another Python:
+# The tests of other loops and ways to drive them, and of what attempts to
+# break the broker found, e.g. on another Python:
 # make loops PYTHON=python3.13 VENV=.venv-3.13
 loops: install
-	$(BIN)/pytest -m loops $(PYTEST_ARGS)
+	$(BIN)/pytest -m "loops or hardening" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python examples/celery_demo.py

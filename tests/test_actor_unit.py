@@ -194,6 +194,7 @@ def test_loop_ending_while_jobs_are_queued_does_not_hang(yields: int) -> None:
     assert b.totals()["created"] == b.totals()["closed"] == 2
 
 
+@pytest.mark.hardening
 def test_pops_from_two_threads_at_once_report_each_borrow_once() -> None:
     """Two threads popping a parked loop at the same moment: each count once."""
     b = Broker(fake_config(pool_min_size=0), driver_factory=DriverPlan())
@@ -324,6 +325,7 @@ async def test_a_return_from_inside_the_actors_own_step_is_delivered() -> None:
     await b.aclose()
 
 
+@pytest.mark.hardening
 async def test_a_user_locked_by_the_server_is_said_so_and_not_tried_again() -> None:
     """Neo4j answers AuthenticationRateLimit to every login of a locked user;
     the broker names the lock, the user and the wait, and tries no login

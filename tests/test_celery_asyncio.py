@@ -23,7 +23,7 @@ from broker.testing import BoltServer
 from tests.test_celery import LiveWorker, celery_worker
 from tests.test_celery_fleet import read_events
 
-pytestmark = [pytest.mark.celery, pytest.mark.slow]
+pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.hardening]
 
 #: The hard limit of a task that sets none (``app.conf.task_time_limit``).
 DEFAULT_HARD = 3

@@ -15,6 +15,8 @@ import broker.broker
 from broker import Broker
 from tests.helpers import eventually
 
+pytestmark = pytest.mark.hardening
+
 MakeBroker = Callable[..., Broker]
 
 
