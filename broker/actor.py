@@ -97,6 +97,8 @@ class Actor:
         self._timer: asyncio.TimerHandle | None = None
         # Tasks that report to nobody (see _detach).
         self._detached: set[asyncio.Task[None]] = set()
+        # Closings of drivers our timeouts gave up on: the pool has stopped only once they end.
+        self._lingering: set[asyncio.Task[None]] = set()
         # Each job task with the report to send if it is cancelled before reporting.
         self._jobs: dict[asyncio.Task[Message], Message] = {}
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
@@ -206,7 +208,7 @@ class Actor:
         pool, mailbox = self.pool, self.mailbox
         while True:
             mailbox.drain()
-            if pool.stopping is not None and pool.is_empty():
+            if pool.stopping is not None and pool.is_empty() and not self._lingering:
                 return
             await mailbox.wait()
 
@@ -236,6 +238,7 @@ class Actor:
                 self._on_closed(message)
             case Tick():
                 pool.tick(time.monotonic())
+                self._end_lingering(time.monotonic())
             case StatsRequest():
                 message.reply(self.snapshot())
             case Shutdown():
@@ -286,7 +289,7 @@ class Actor:
         self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
         """Make, verify (if ``verify``) and prepare a driver in a job of its own."""
-        job = jobs.create(self.config, self._factory, generation, started, verify)
+        job = jobs.create(self.config, self._factory, generation, started, verify, self._linger)
         self._spawn(job, Created(None, asyncio.CancelledError(), started=started), context)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
@@ -367,6 +370,22 @@ class Actor:
         task = self.loop.create_task(work)
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
+
+    def _linger(self, work: Coroutine[Any, Any, None]) -> None:
+        """:meth:`_detach` a closing the pool waits for when it stops (until its deadline)."""
+        task = self.loop.create_task(work)
+        self._lingering.add(task)
+        task.add_done_callback(self._lingered)
+
+    def _lingered(self, task: asyncio.Task[None]) -> None:
+        self._lingering.discard(task)
+        self.mailbox.post(Tick())  # a stopping actor may now be done
+
+    def _end_lingering(self, now: float) -> None:
+        stopping = self.pool.stopping
+        if stopping is not None and now >= stopping.deadline:
+            for task in self._lingering:
+                task.cancel()  # it still closes its driver
 
     # -- the clock and the end -------------------------------------------------
 
