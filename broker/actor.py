@@ -31,6 +31,7 @@ from typing import Any
 from broker import jobs, log
 from broker.asyncio_internals import running_loop
 from broker.auth_guard import AuthGuard
+from broker.background import Background
 from broker.config import Neo4jConnectionConfig
 from broker.errors import BrokerClosed
 from broker.jobs import DriverFactory
@@ -101,8 +102,9 @@ class Actor:
         )
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # Tasks that report to nobody (see _detach).
-        self._detached: set[asyncio.Task[None]] = set()
+        # Tasks that report to nobody; closings of drivers our timeouts gave up
+        # on linger: the pool has stopped only once they end.
+        self._background = Background(loop, self._lingered)
         # Each job task with the report to send if it is cancelled before reporting.
         self._jobs: dict[asyncio.Task[Message], Message] = {}
         self.pool = Pool(config, self, key, self.thread_name, sizes=sizes, generation=generation)
@@ -223,7 +225,7 @@ class Actor:
         pool, mailbox = self.pool, self.mailbox
         while True:
             mailbox.drain()
-            if pool.stopping is not None and pool.is_empty():
+            if pool.stopping is not None and pool.is_empty() and not self._background.lingering:
                 return
             await mailbox.wait()
 
@@ -249,6 +251,7 @@ class Actor:
                 self._on_closed(message)
             case Tick():
                 pool.tick(time.monotonic())
+                self._end_lingering(time.monotonic())
             case StatsRequest():
                 message.reply(self.snapshot())
             case Shutdown():
@@ -301,7 +304,15 @@ class Actor:
         self, context: contextvars.Context | None, generation: int, started: float, verify: bool
     ) -> None:
         """Make, verify (if ``verify``) and prepare a driver in a job of its own."""
-        job = jobs.create(self.config, self._factory, self._guard, generation, started, verify)
+        job = jobs.create(
+            self.config,
+            self._factory,
+            self._guard,
+            generation,
+            started,
+            verify,
+            self._background.linger,
+        )
         self._spawn(job, Created(None, asyncio.CancelledError(), started=started), context)
 
     def start_check(self, pooled: PooledDriver, hook: bool, verify: bool) -> None:
@@ -337,7 +348,7 @@ class Actor:
         try:
             outcome = callback(stats)
             if inspect.isawaitable(outcome):
-                self._detach(self._await_callback(outcome))
+                self._background.detach(self._await_callback(outcome))
         except Exception as exc:
             self.emit(log.ERROR, "actor.error", error=repr(exc), callback="reconnect_failed")
 
@@ -371,17 +382,15 @@ class Actor:
             else:
                 self.emit(log.ERROR, "actor.error", error=repr(error), job=task.get_name())
         if not self.mailbox.post(report) and isinstance(report, Created) and report.driver:
-            self._detach(jobs.close_quietly(report.driver.driver))
+            self._background.detach(jobs.close_quietly(report.driver.driver))
 
-    def _detach(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` as a task that reports to nobody, held until it ends.
+    def _lingered(self) -> None:
+        self.mailbox.post(Tick())  # a stopping actor may now be done
 
-        The loop keeps only weak references to tasks: an unheld one could be
-        collected before it finishes.
-        """
-        task = self.loop.create_task(work)
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
+    def _end_lingering(self, now: float) -> None:
+        stopping = self.pool.stopping
+        if stopping is not None and now >= stopping.deadline:
+            self._background.cancel_lingering()
 
     # -- the clock and the end -------------------------------------------------
 
@@ -436,7 +445,7 @@ class Actor:
             case Borrow() | WaitReady() | CheckNow():
                 _fail(message.waiter, self._stopped_error())
             case Created(driver=pooled) if pooled is not None:
-                self._detach(jobs.close_quietly(pooled.driver))
+                self._background.detach(jobs.close_quietly(pooled.driver))
             case _:
                 pass  # returns and job reports of drivers already closed
 

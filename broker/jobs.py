@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from neo4j import AsyncDriver
 from neo4j.exceptions import ServiceUnavailable
@@ -27,6 +29,15 @@ __all__ = ["DriverFactory", "check", "close", "close_quietly", "create"]
 #: Makes one (not yet connected) driver from a config.
 DriverFactory = Callable[[Neo4jConnectionConfig], AsyncDriver]
 
+#: Runs a closing our own timeout could not wait for, in a task of its own.
+Linger = Callable[[Coroutine[Any, Any, None]], None]
+
+#: Each driver's I/O still running after our timeout gave up on it, and how
+#: long at most to wait for it (the driver's own timeouts end it before).
+_running: weakref.WeakKeyDictionary[AsyncDriver, tuple[asyncio.Task[Any], float]] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 async def create(
     config: Neo4jConnectionConfig,
@@ -35,6 +46,7 @@ async def create(
     generation: int,
     started: float,
     verify: bool,
+    linger: Linger | None = None,
 ) -> Created:
     """Make a driver, verify it (if ``verify``) and run ``on_create``.
 
@@ -58,7 +70,7 @@ async def create(
             driver = factory(config)
             if verify or admitted == "probe":
                 phase = "verify"  # a login after a failure is always a real one
-                await driver.verify_connectivity()
+                await _uncancelled(driver, driver.verify_connectivity(), config)
                 guard.succeeded()
             seconds = time.monotonic() - began
             hook = config.on_create
@@ -67,17 +79,24 @@ async def create(
                 await hook(driver)
     except BaseException as exc:
         if driver is not None:
-            await close_quietly(driver)
+            await _drop(driver, exc, linger)
         error = _login_failed(guard, exc, auth) if admitted is not None else exc
         if isinstance(exc, asyncio.CancelledError):
             raise
         if isinstance(exc, TimeoutError):
             error = _timed_out(config, phase, limit)
-        hook_failed = phase == "on_create"
         context = contextvars.copy_context()
-        return Created(None, error, context, started, 0.0, hook_failed, phase)
+        return Created(None, error, context, started, 0.0, phase == "on_create", phase)
     pooled = PooledDriver(driver, time.monotonic(), generation, auth)
     return Created(pooled, None, contextvars.copy_context(), started, seconds)
+
+
+async def _drop(driver: AsyncDriver, exc: BaseException, linger: Linger | None) -> None:
+    """Close a driver whose creation failed; after our timeout, once its own I/O has ended."""
+    if isinstance(exc, TimeoutError) and linger is not None:
+        linger(close_quietly(driver))  # its connect may go on: report now, close after
+    else:
+        await close_quietly(driver)
 
 
 def _login_failed(guard: AuthGuard, exc: BaseException, auth: object) -> BaseException:
@@ -118,7 +137,8 @@ async def check(
         return Checked(pooled, verified=False)
     try:
         async with asyncio.timeout(timeout):
-            await pooled.driver.verify_connectivity()
+            driver = pooled.driver
+            await _uncancelled(driver, driver.verify_connectivity(), config)
     except Exception as exc:
         if is_auth_failure(exc):
             exc = guard.failed(exc, pooled.auth)  # type: ignore[assignment]
@@ -133,7 +153,11 @@ async def close(pooled: PooledDriver) -> Closed:
 
 
 async def close_quietly(driver: AsyncDriver) -> None:
-    """Close ``driver``; an error other than cancellation is only logged (debug)."""
+    """Close ``driver`` once its I/O has ended; an error other than cancellation is only logged.
+
+    Cancelled while it waits for that I/O, it still closes the driver.
+    """
+    cancelled = await _settle(driver)
     try:
         await driver.close()
     except asyncio.CancelledError:
@@ -141,3 +165,43 @@ async def close_quietly(driver: AsyncDriver) -> None:
     except Exception as exc:  # the driver is being dropped either way
         if log.enabled(log.DEBUG):
             log.emit(log.DEBUG, "driver.close_error", error=describe(exc))
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _uncancelled(
+    driver: AsyncDriver, io: Coroutine[Any, Any, None], config: Neo4jConnectionConfig
+) -> None:
+    """Await the driver's ``io``, which our cancellation (our own timeout) does not reach.
+
+    The driver leaves its socket open when cancelled while it connects, so
+    the I/O runs in a task of its own until the driver's own timeouts end
+    it; :func:`close_quietly` waits for it before closing the driver.
+    """
+    task = asyncio.ensure_future(io)
+    bound = max(config.connection_timeout, config.connection_acquisition_timeout) + 1.0
+    _running[driver] = (task, bound)
+    task.add_done_callback(lambda _: _forget(driver, task))
+    await asyncio.shield(task)
+
+
+def _forget(driver: AsyncDriver, task: asyncio.Task[Any]) -> None:
+    if _running.get(driver, (None, 0.0))[0] is task:
+        del _running[driver]
+
+
+async def _settle(driver: AsyncDriver) -> bool:
+    """Let the driver's running I/O end (cancelled past its bound); True if we were cancelled."""
+    running = _running.get(driver)
+    if running is None or running[0].done():
+        return False
+    task, bound = running
+    cancelled = False
+    try:
+        await asyncio.wait({task}, timeout=bound)
+    except asyncio.CancelledError:  # the loop is ending: there is no time left to wait
+        cancelled = True
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+    return cancelled

@@ -8,7 +8,9 @@ test never share anything with it. Put it between a driver and the server
 - :meth:`reset_all`: reset every open connection (TCP RST);
 - :meth:`blackhole`: keep connections open but forward nothing;
 - :meth:`delay_handshake`: hold each new connection's first bytes for a while;
-- :meth:`refuse`: stop listening, so new connections are refused.
+- :meth:`refuse`: stop listening, so new connections are refused;
+- :meth:`stall_connects`: leave new connections unanswered in the TCP
+  handshake, as behind a cut link (open ones go on).
 
 Two settings fixed at construction make it stand in for a real network hop:
 ``latency`` delays every chunk by that many seconds in each direction (order
@@ -68,6 +70,7 @@ class FaultProxy(Service):
 
     ``latency``: seconds added to every chunk, each way. ``tls``: terminate
     TLS with this server context; the upstream connection stays plain.
+    ``host``: the address to listen on.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class FaultProxy(Service):
         *,
         latency: float = 0.0,
         tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         if isinstance(latency, bool) or not isinstance(latency, int | float):
             raise ValueError(f"latency must be a number of seconds, got {type(latency).__name__}")
@@ -87,7 +91,11 @@ class FaultProxy(Service):
         self.target = (target_host, target_port)
         self.latency = float(latency)
         self.tls = tls
+        self.host = host
         self.port = 0
+        # A listener that answers no handshake (stall_connects), and the one
+        # connection that fills its queue.
+        self._stall: list[socket.socket] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy")
         self._server: asyncio.Server | None = None
@@ -116,7 +124,7 @@ class FaultProxy(Service):
     @property
     def uri(self) -> str:
         scheme = "bolt" if self.tls is None else "bolt+s"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def open_links(self) -> int:
@@ -146,6 +154,15 @@ class FaultProxy(Service):
         """Stop listening: new connections are refused; open ones go on."""
         self._call(self._unlisten())
 
+    def stall_connects(self) -> None:
+        """Answer no new TCP handshake, as a cut link would; open ones go on.
+
+        The port is held by a listener whose queue is full and never read:
+        the kernel drops each new SYN, and the client retries until its own
+        timeout, or until :meth:`pass_through` listens again.
+        """
+        self._call(self._stall_listen())
+
     # -- inside the proxy's loop -----------------------------------------------
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -160,15 +177,29 @@ class FaultProxy(Service):
     async def _listen(self) -> None:
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(
-            self._accept, "127.0.0.1", self.port, ssl=self.tls
-        )
+        self._unstall()
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _unlisten(self) -> None:
+        self._unstall()
         if self._server is not None:
             self._server.close()
             self._server = None
+
+    async def _stall_listen(self) -> None:
+        await self._unlisten()
+        listener = socket.socket()
+        self._stall.append(listener)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(0)  # a queue of one connection
+        self._stall.append(socket.create_connection((self.host, self.port), timeout=5))
+
+    def _unstall(self) -> None:
+        for sock in self._stall:
+            sock.close()
+        self._stall.clear()
 
     async def _reset(self) -> int:
         links = list(self._links)
@@ -296,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m broker.testing.faults", description=main.__doc__
     )
     parser.add_argument("--target", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--listen", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added each way")
     parser.add_argument("--cert-chain", help="PEM certificate chain: listen with TLS")
     parser.add_argument("--key", help="PEM private key of the certificate")
@@ -305,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cert_chain:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.cert_chain, args.key)
-    with FaultProxy(host, int(port), latency=args.latency, tls=tls) as proxy:
+    with FaultProxy(host, int(port), latency=args.latency, tls=tls, host=args.listen) as proxy:
         print(f"port {proxy.port}", flush=True)
         sys.stdin.read()
 
