@@ -64,6 +64,3 @@ class Creations:
             return None
         self.failing_since = now
         return now - since
-
-    def __len__(self) -> int:
-        return len(self.started)

@@ -376,9 +376,9 @@ class Pool(PoolState):
             if pooled.needs_check(now, interval):
                 self._check(pooled, hook=False, verify=True)
                 continue
-            waiters.next()
+            waiters.popleft()  # ``borrow``, just found by first()
             self._give(pooled, borrow, now)
-        short = len(waiters) - len(self.creations) - len(self.checking)
+        short = len(waiters) - len(self.creations.started) - len(self.checking)
         while short > 0 and self.total() < self.max_size:
             # The borrower's own first query proves a driver made for it.
             borrow = waiters.nth(len(waiters) - short)
@@ -397,7 +397,9 @@ class Pool(PoolState):
             counters.wait_ms += waited_ms
             if waited_ms > self.wait_max_ms:
                 self.wait_max_ms = waited_ms
-            self.window.saw_wait(waited_ms)
+            window = self.window
+            if waited_ms > window.wait_max_ms:
+                window.wait_max_ms = waited_ms
             self.wait_histogram.observe(waited)
         else:
             self.wait_histogram.observe_zero()
@@ -458,7 +460,7 @@ class Pool(PoolState):
         if borrow is not None and borrow.queued_at <= started:
             self._effects.refuse(self.waiters.next(), error)  # type: ignore[arg-type]
             if not self.idle and not self.in_use:
-                covered = len(self.creations) + len(self.checking)
+                covered = len(self.creations.started) + len(self.checking)
                 for extra in self.waiters.arrived_by(started)[covered:]:
                     self.waiters.discard(extra)
                     self._effects.refuse(extra, error)

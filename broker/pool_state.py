@@ -133,7 +133,7 @@ class PoolState:
 
     def total(self) -> int:
         """Drivers that count against the maximum: idle, in use, being created or checked."""
-        return len(self.idle) + len(self.in_use) + len(self.creations) + len(self.checking)
+        return len(self.idle) + len(self.in_use) + len(self.creations.started) + len(self.checking)
 
     def is_ready(self) -> bool:
         """Whether the pool holds ``min_size`` verified drivers (idle or in use)."""
@@ -177,7 +177,7 @@ class PoolState:
             "thread": self.thread_name,
             "available": len(self.idle),
             "in_use": len(self.in_use),
-            "creating": len(self.creations),
+            "creating": len(self.creations.started),
             "waiting": len(self.waiters),
             "total": self.total(),
         }

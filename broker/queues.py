@@ -75,12 +75,11 @@ class Waiters(deque[Borrow]):
 
     def first(self) -> Borrow | None:
         """The oldest borrower still waiting, left in the queue (cancelled ones dropped)."""
-        queue = self
-        while queue:
-            borrow = queue[0]
-            if borrow.pending():
+        while self:
+            borrow = self[0]
+            if not borrow.waiter.done():  # Borrow.pending(), inline: every waiting borrow's path
                 return borrow
-            self._skipped(queue.popleft())
+            self._skipped(self.popleft())
         return None
 
     def next(self) -> Borrow | None:

@@ -169,17 +169,13 @@ class Window:
     than the marks reports nothing rather than a count twice.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_marks", "_wait_max_ms")
+    __slots__ = ("__weakref__", "_lock", "_marks", "wait_max_ms")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._marks = dict.fromkeys(COUNTERS, 0.0)
-        self._wait_max_ms = 0.0
-
-    def saw_wait(self, waited_ms: float) -> None:
-        """A borrow waited this long (the longest since the last pop is reported)."""
-        if waited_ms > self._wait_max_ms:
-            self._wait_max_ms = waited_ms
+        #: The longest wait since the last take (the pool raises it as borrows wait).
+        self.wait_max_ms = 0.0
 
     def take(self, stats: PoolStats) -> PoolStats:
         """``stats`` with each counter since the previous take; move the marks."""
@@ -191,8 +187,8 @@ class Window:
                 taken[name] = shown(value - mark) if value > mark else 0
                 if value > mark:
                     marks[name] = value
-            taken["wait_max_ms"] = shown(self._wait_max_ms)
-            self._wait_max_ms = 0.0
+            taken["wait_max_ms"] = shown(self.wait_max_ms)
+            self.wait_max_ms = 0.0
         return taken  # type: ignore[return-value]
 
     def peek(self, stats: PoolStats) -> PoolStats:
@@ -201,7 +197,7 @@ class Window:
         with self._lock:
             for name in COUNTERS:
                 peeked[name] = shown(max(0.0, float(peeked[name]) - self._marks[name]))
-            peeked["wait_max_ms"] = shown(self._wait_max_ms)
+            peeked["wait_max_ms"] = shown(self.wait_max_ms)
         return peeked  # type: ignore[return-value]
 
     def unreported(self, counters: dict[str, float]) -> dict[str, float]:
