@@ -40,9 +40,9 @@ def parse_args(
     parser.add_argument(
         "--server",
         choices=KINDS,
-        default=env.get("BROKER_TEST_SERVER") or "arcadedb",
-        help="which server (default: BROKER_TEST_SERVER, else %(default)s); neo4j needs "
-        "java and mvn, and is built once into ~/.cache/neo4j-loop-broker",
+        default="arcadedb",
+        help="which server (default: %(default)s); neo4j needs java and mvn, and is built "
+        "once into ~/.cache/neo4j-loop-broker",
     )
     parser.add_argument(
         "--neo4j-version",

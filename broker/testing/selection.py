@@ -14,7 +14,14 @@ from typing import Literal
 from broker.testing.neo4j_server import Neo4jServer
 from broker.testing.server import EmbeddedServer
 
-__all__ = ["KINDS", "LocalServer", "ServerKind", "local_kind", "new_local_server", "server_kind"]
+__all__ = [
+    "KINDS",
+    "LocalServer",
+    "ServerKind",
+    "local_kind",
+    "new_local_server",
+    "server_kind",
+]
 
 ServerKind = Literal["arcadedb", "neo4j", "external"]
 #: A server this process starts, kills and restarts.
@@ -44,3 +51,4 @@ def new_local_server(kind: str | None = None) -> LocalServer:
     if local_kind(kind) == "neo4j":
         return Neo4jServer()
     return EmbeddedServer()
+
