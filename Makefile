@@ -49,8 +49,9 @@ test-neo4j-current: install
 loops: install
 	$(BIN)/pytest -m loops $(PYTEST_ARGS)
 
+# make demo SERVER=neo4j runs it on a real Neo4j Community (needs java and mvn).
 demo: install
-	$(BIN)/python examples/celery_demo.py
+	$(if $(SERVER),BROKER_TEST_SERVER=$(SERVER) )$(BIN)/python examples/celery_demo.py
 
 demo-threads: install
 	$(BIN)/python examples/threads_demo.py
