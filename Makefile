@@ -56,8 +56,9 @@ demo: install
 demo-threads: install
 	$(BIN)/python examples/threads_demo.py
 
+# make bench SERVER=neo4j runs them on a real Neo4j Community.
 bench: install
-	$(BIN)/python -m benchmarks
+	$(if $(SERVER),BROKER_TEST_SERVER=$(SERVER) )$(BIN)/python -m benchmarks
 
 soak: install
 	$(BIN)/python -m tests.soak

@@ -18,6 +18,7 @@ __all__ = [
     "KINDS",
     "LocalServer",
     "ServerKind",
+    "bench_server",
     "local_kind",
     "new_local_server",
     "server_kind",
@@ -52,3 +53,9 @@ def new_local_server(kind: str | None = None) -> LocalServer:
         return Neo4jServer()
     return EmbeddedServer()
 
+
+def bench_server(kind: str | None = None) -> LocalServer:
+    """A server for the benchmarks: ArcadeDB with a larger heap, or Neo4j."""
+    if local_kind(kind) == "neo4j":
+        return Neo4jServer()
+    return EmbeddedServer(heap="1g")
