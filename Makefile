@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck unit loops demo demo-threads bench soak server clean
+.PHONY: install test test-neo4j test-neo4j-current lint typecheck unit loops demo demo-threads bench soak server clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (found " + sys.version.split()[0] + "); run: make PYTHON=python3.11 ...")'
@@ -31,26 +31,41 @@ unit: install
 
 test: lint typecheck unit
 
+# The whole suite against a real Neo4j Community (5.26 LTS) instead of ArcadeDB.
+# Needs java (17+) and mvn; Neo4j is built once into ~/.cache/neo4j-loop-broker.
+test-neo4j: install
+	BROKER_TEST_SERVER=neo4j $(BIN)/pytest $(PYTEST_ARGS)
+
+# A few real-server tests on the current Neo4j release, which needs Java 21+:
+# make test-neo4j-current NEO4J_JAVA_HOME=/path/to/jdk-21-or-later
+NEO4J_JAVA_HOME ?= $(JAVA_HOME)
+NEO4J_CURRENT_TESTS ?= tests/test_neo4j_only.py tests/test_neo4j_server.py
+test-neo4j-current: install
+	JAVA_HOME=$(NEO4J_JAVA_HOME) BROKER_TEST_SERVER=neo4j BROKER_TEST_NEO4J_VERSION=current \
+		$(BIN)/pytest $(NEO4J_CURRENT_TESTS) $(PYTEST_ARGS)
+
 # The tests of other loops and ways to drive them, and of what attempts to
 # break the broker found, e.g. on another Python:
 # make loops PYTHON=python3.13 VENV=.venv-3.13
 loops: install
 	$(BIN)/pytest -m "loops or hardening" $(PYTEST_ARGS)
 
+# make demo SERVER=neo4j runs it on a real Neo4j Community (needs java and mvn).
 demo: install
-	$(BIN)/python examples/celery_demo.py
+	$(if $(SERVER),BROKER_TEST_SERVER=$(SERVER) )$(BIN)/python examples/celery_demo.py
 
 demo-threads: install
 	$(BIN)/python examples/threads_demo.py
 
+# make bench SERVER=neo4j runs them on a real Neo4j Community.
 bench: install
-	$(BIN)/python -m benchmarks
+	$(if $(SERVER),BROKER_TEST_SERVER=$(SERVER) )$(BIN)/python -m benchmarks
 
 soak: install
 	$(BIN)/python -m tests.soak
 
 server: install
-	$(BIN)/python -m broker.testing.server $(SERVER_ARGS)
+	$(BIN)/python -m broker.testing.server $(if $(SERVER),--server $(SERVER) )$(SERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,7 +1,9 @@
 """``make bench``: every scenario side by side on one server, one table of ratios.
 
 Usage: ``python -m benchmarks [--quick] [--only overhead,celery,borrow,loops,memory]``.
-Writes ``benchmarks/results/latest.json`` and ``latest.csv`` too.
+Writes ``benchmarks/results/latest.json`` and ``latest.csv`` too
+(``latest-neo4j.*`` when run on Neo4j: ``BROKER_TEST_SERVER=neo4j``, or
+``make bench SERVER=neo4j``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import janus
 import neo4j
 
 from benchmarks.scenarios import SCENARIOS, Result
-from broker.testing import EmbeddedServer, server_from_env
+from broker.testing import Neo4jServer, server_from_env
+from broker.testing.selection import bench_server
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,19 +47,25 @@ def print_table(result: Result, seconds: float) -> None:
     print(f"\n{len(result.rows)} rows in {seconds:.0f} s")
 
 
-def write(result: Result, meta: dict[str, object]) -> None:
+def write(result: Result, meta: dict[str, object], stem: str = "latest") -> None:
     RESULTS.mkdir(exist_ok=True)
     data = {
         "meta": meta,
         "rows": [dataclasses.asdict(r) for r in result.rows],
         "checks": [dataclasses.asdict(c) for c in result.checks],
     }
-    (RESULTS / "latest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    with (RESULTS / "latest.csv").open("w", newline="") as f:
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    with (RESULTS / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scenario", "case", "value", "unit", "work", "drivers"])
         for r in result.rows:
             writer.writerow([r.scenario, r.case, f"{r.value:.3f}", r.unit, r.work, r.drivers or ""])
+
+
+def describe(server: object) -> str:
+    if isinstance(server, Neo4jServer):
+        return f"Neo4j {server.version} Community"
+    return "embedded ArcadeDB"
 
 
 def main() -> None:
@@ -72,7 +81,10 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     external = server_from_env()
-    server = external or EmbeddedServer(heap="1g").start()
+    server = external or bench_server().start()
+    name = "external" if external else describe(server)
+    stem = "latest-neo4j" if isinstance(server, Neo4jServer) else "latest"
+    print(f"server: {name}", flush=True)
     started = time.monotonic()
     total = Result()
     try:
@@ -97,14 +109,15 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "neo4j driver": neo4j.__version__,
                 "janus": janus.__version__,
-                "server": "external" if external else "embedded ArcadeDB",
+                "server": name,
                 "seconds": round(seconds),
                 # Other work on the machine: 1-minute load average at start and end.
                 "load average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "scenarios": chosen,
             },
+            stem,
         )
-        print(f"results written to {RESULTS}/latest.json and latest.csv")
+        print(f"results written to {RESULTS}/{stem}.json and {stem}.csv")
 
 
 if __name__ == "__main__":

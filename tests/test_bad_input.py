@@ -14,7 +14,7 @@ import pytest
 
 import broker
 from broker import Broker, BrokerClosed, BrokerError, Neo4jConnectionConfig
-from broker.testing import BoltServer, EmbeddedServer
+from broker.testing import BoltServer, EmbeddedServer, Neo4jServer
 from broker.testing.faults import FaultProxy
 from broker.workspace import MAX_WORKSPACE_LENGTH, database_name, quote_identifier
 from tests.conftest import HOSTILE_PIECES, HOSTILE_SECRET, PLANTED_SECRETS
@@ -304,6 +304,8 @@ async def test_default_preparation_falls_back_to_the_servers_default(
     if isinstance(bolt_server, EmbeddedServer):
         # ArcadeDB refuses CREATE DATABASE in Cypher, like Neo4j Community.
         assert database == bolt_server.default_database != "neo4j"
+    elif isinstance(bolt_server, Neo4jServer):  # Community: its one database
+        assert database == "neo4j"
     else:  # a real Neo4j: its own database (Enterprise) or its default (Community)
         assert database in {database_name("fallback-ws"), bolt_server.default_database}
 

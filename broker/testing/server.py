@@ -8,8 +8,10 @@ chosen with ``NEO4J_URI``. Both offer the small :class:`BoltServer` interface,
 so tests do not care which one they talk to.
 
 ``python -m broker.testing.server`` (or the ``neo4j-loop-broker-server``
-command) starts an embedded server, prints the ``NEO4J_*`` settings to export
-and runs until Ctrl-C or SIGTERM; ``--help`` lists its options.
+command) starts a test server (:mod:`broker.testing.cli`), prints the
+``NEO4J_*`` settings to export and runs until Ctrl-C or SIGTERM; ``--help``
+lists its options, ``--server neo4j`` runs a real Neo4j instead
+(:mod:`broker.testing.neo4j_server`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import re
 import secrets
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -583,112 +584,17 @@ def server_from_env() -> ExternalServer | None:
 def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> argparse.Namespace:
-    """The command line's options; the password may come from ``NEO4J_PASSWORD``."""
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog=_program_name(),
-        description=(
-            "Start an embedded Bolt server (ArcadeDB, in a child process, on 127.0.0.1), "
-            "print the NEO4J_* settings to export, and run until Ctrl-C or SIGTERM."
-        ),
-    )
-    parser.add_argument(
-        "--bolt-port", type=_port_arg, metavar="PORT", help="Bolt port (default: a free one)"
-    )
-    parser.add_argument(
-        "--http-port",
-        type=_port_arg,
-        metavar="PORT",
-        help="ArcadeDB's HTTP port, used to create databases (default: a free one)",
-    )
-    parser.add_argument(
-        "--password",
-        default=env.get("NEO4J_PASSWORD") or None,
-        help=(
-            "password of the user 'root', at least 8 characters (default: NEO4J_PASSWORD, "
-            "else a random one); prefer NEO4J_PASSWORD, as other users can see a command line"
-        ),
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="keep the server's files here, kept at exit; a directory used before needs the "
-        "password it was first started with (default: a temporary directory, removed at exit)",
-    )
-    parser.add_argument(
-        "--database",
-        default="broker",
-        metavar="NAME",
-        help="database to create if missing and make the default; printed as NEO4J_DATABASE "
-        "(default: %(default)s)",
-    )
-    options = parser.parse_args(argv)
-    if options.password is not None and len(options.password) < 8:
-        parser.error("the password must be at least 8 characters long")
-    try:
-        _check_db_name(options.database)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return options
+    """The command line's options (see :mod:`broker.testing.cli`)."""
+    from broker.testing import cli
 
-
-def _program_name() -> str:
-    command = Path(sys.argv[0]).name
-    return "python -m broker.testing.server" if command.endswith(".py") else command
-
-
-def _port_arg(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
-    return int(text)
+    return cli.parse_args(argv, environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start an embedded server, print how to reach it, run until Ctrl-C or SIGTERM."""
-    options = parse_args(argv)
-    server = EmbeddedServer(
-        root=options.data_dir,
-        password=options.password,
-        default_database=options.database,
-        bolt_port=options.bolt_port,
-        http_port=options.http_port,
-    )
-    # Ctrl-C and TERM stop it the same way, even where SIGINT was ignored (started with &).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    status = 0
-    try:
-        print("Starting the embedded Bolt server ...", file=sys.stderr, flush=True)
-        server.start()
-        kept = "kept" if options.data_dir is not None else "removed"
-        for name, value in (
-            ("NEO4J_URI", server.uri),
-            ("NEO4J_USERNAME", server.username),
-            ("NEO4J_PASSWORD", server.password),
-            ("NEO4J_DATABASE", server.default_database),
-        ):
-            print(f"export {name}={shlex.quote(value)}")
-        sys.stdout.flush()
-        print(
-            f"Running; data directory: {server.root} ({kept} at exit). "
-            "Press Ctrl-C (or send SIGTERM) to stop.",
-            file=sys.stderr,
-            flush=True,
-        )
-        while server.running:
-            time.sleep(0.5)
-        print("The server exited on its own.", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        pass
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        status = 1
-    finally:
-        server.stop()
-    print("stopped", file=sys.stderr)
-    return status
+    """Start a test server, print how to reach it, run until Ctrl-C or SIGTERM."""
+    from broker.testing import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":
