@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -239,3 +240,46 @@ async def test_the_created_event_counts_the_new_driver(
         await query(conn)
     (created,) = [r.getMessage() for r in caplog.records if "driver.created" in r.getMessage()]
     assert " total=1" in created and " in_use=1" in created, created
+
+
+def test_pops_while_four_loops_borrow_in_bursts_add_up_to_the_totals(
+    bolt_config: broker.Neo4jConnectionConfig,
+) -> None:
+    """Four threads borrow in bursts (a persistent loop each, and asyncio.run
+    per burst on one of them, so loops also end) while a fifth pops the stats:
+    the pops, ended loops included, add up to exactly the borrows counted."""
+    b = Broker(bolt_config.replace(pool_min_size=0, pool_max_size=2))
+    stop = threading.Event()
+    popped: list[int] = []
+
+    async def burst() -> None:
+        for _ in range(20):
+            async with b.borrow(timeout=10):
+                await asyncio.sleep(0)
+
+    def persistent() -> None:
+        while not stop.is_set():
+            broker.run(burst())
+
+    def short_lived() -> None:
+        while not stop.is_set():
+            asyncio.run(burst())
+
+    def popper() -> None:
+        while not stop.is_set():
+            popped.extend(entry["borrows"] for entry in b.pop_stats().values())
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=t) for t in (persistent, persistent, persistent)]
+    threads += [threading.Thread(target=short_lived), threading.Thread(target=popper)]
+    for thread in threads:
+        thread.start()
+    time.sleep(4)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    broker.runner.shutdown(10)
+    popped.extend(entry["borrows"] for entry in b.pop_stats().values())
+    total = b.totals()["borrows"]
+    assert total > 100 and sum(popped) == total, (sum(popped), total)
+    b.close()

@@ -25,6 +25,8 @@ from broker.testing.server import BoltServer
 from broker.testing.sockets import open_connections
 from tests.helpers import bolt_port
 
+pytestmark = pytest.mark.hardening
+
 
 @dataclass
 class Link:
