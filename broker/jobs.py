@@ -80,9 +80,13 @@ async def create(
     except BaseException as exc:
         if driver is not None:
             await _drop(driver, exc, linger)
-        error = _login_failed(guard, exc, auth) if admitted is not None else exc
         if isinstance(exc, asyncio.CancelledError):
+            if admitted is not None:
+                guard.abandoned()
+            # No other local may hold the error as it propagates: its traceback
+            # holds this frame, which holds the driver (and its sockets).
             raise
+        error = _login_failed(guard, exc, auth) if admitted is not None else exc
         if isinstance(exc, TimeoutError):
             error = _timed_out(config, phase, limit)
         context = contextvars.copy_context()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -283,3 +284,44 @@ def test_pops_while_four_loops_borrow_in_bursts_add_up_to_the_totals(
     total = b.totals()["borrows"]
     assert total > 100 and sum(popped) == total, (sum(popped), total)
     b.close()
+
+
+def test_a_creation_cut_short_by_the_loop_end_leaves_its_driver_to_no_one(
+    bolt_config: broker.Neo4jConnectionConfig, bolt_server: Any
+) -> None:
+    """A creation in flight when asyncio.run ends the loop: its driver (and so
+    its sockets) is freed at once, not kept by a reference cycle until the
+    collector runs (an error kept in a local of the cancelled job did that)."""
+    import gc
+    import weakref
+
+    from broker.testing.faults import FaultProxy
+    from tests.helpers import bolt_port
+
+    made: list[weakref.ref[Any]] = []
+
+    def recording_factory(config: broker.Neo4jConnectionConfig) -> neo4j.AsyncDriver:
+        driver = broker.broker.default_driver_factory(config)
+        made.append(weakref.ref(driver))
+        return driver
+
+    with FaultProxy("127.0.0.1", bolt_port(bolt_server)) as proxy:
+        proxy.delay_handshake(2.0)  # the creation is still verifying when the loop ends
+        b = Broker(
+            bolt_config.replace(uri=proxy.uri, pool_min_size=0), driver_factory=recording_factory
+        )
+
+        async def main() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    async with b.borrow(timeout=10):
+                        pass
+
+        gc.disable()
+        try:
+            asyncio.run(main())
+            assert made, "a creation was under way"
+            assert [r for r in made if r() is not None] == [], "a driver outlived its loop"
+        finally:
+            gc.enable()
+            b.close()
