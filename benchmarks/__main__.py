@@ -88,10 +88,10 @@ def main() -> None:
     started = time.monotonic()
     total = Result()
     try:
-        for name in chosen:
-            print(f"running {name} ...", end=" ", flush=True)
+        for scenario in chosen:
+            print(f"running {scenario} ...", end=" ", flush=True)
             began = time.monotonic()
-            part = SCENARIOS[name](server, args.quick)
+            part = SCENARIOS[scenario](server, args.quick)
             print(f"{time.monotonic() - began:.0f} s", flush=True)
             total.rows += part.rows
             total.checks += part.checks
