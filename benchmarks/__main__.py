@@ -1,6 +1,6 @@
 """``make bench``: every scenario side by side on one server, one table of ratios.
 
-Usage: ``python -m benchmarks [--quick] [--only overhead,celery,borrow,loops,memory]``.
+Usage: ``python -m benchmarks [--quick] [--only overhead,celery,...,rival]``.
 Writes ``benchmarks/results/latest.json`` and ``latest.csv`` too
 (``latest-neo4j.*`` when run on Neo4j: ``BROKER_TEST_SERVER=neo4j``, or
 ``make bench SERVER=neo4j``).
