@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Self
 
@@ -44,6 +45,26 @@ _USER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{3,62}$")
 _live: weakref.WeakSet[Neo4jServer] = weakref.WeakSet()
 
 
+_SETTING_NAME = re.compile(r"^[a-z][a-z0-9_.]*$")
+_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]*$")
+
+
+def _settings_from_env() -> dict[str, str]:
+    raw = os.environ.get("BROKER_TEST_NEO4J_SETTINGS", "")
+    pairs = [item.split("=", 1) for item in raw.split(";") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError("BROKER_TEST_NEO4J_SETTINGS takes name=value pairs separated by ';'")
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def _checked_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    """Extra ``neo4j.conf`` settings, one plain line each (no newline, no escape)."""
+    for name, value in settings.items():
+        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
+            raise ValueError(f"not a plain Neo4j setting: {name!r}")
+    return dict(settings)
+
+
 @atexit.register
 def _stop_leftovers() -> None:
     for server in list(_live):
@@ -58,6 +79,8 @@ class Neo4jServer(Service):
     ``java`` defaults to ``$JAVA_HOME/bin/java``, else the one on PATH. A
     ``root`` directory given here is kept (with its password), a temporary
     one is removed by :meth:`stop`, or by the child if this process dies.
+    ``settings`` adds ``neo4j.conf`` lines (default: ``BROKER_TEST_NEO4J_SETTINGS``,
+    ``name=value`` pairs separated by ``;``), e.g. to measure a server setting.
     """
 
     supports_restart = True
@@ -74,6 +97,7 @@ class Neo4jServer(Service):
         bolt_port: int | None = None,
         heap: str | None = None,
         startup_timeout: float = 180.0,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         if password is not None and len(password) < 8:
             raise ValueError("Neo4j's password must be at least 8 characters long")
@@ -86,6 +110,7 @@ class Neo4jServer(Service):
         self._port: int | None = None
         self._heap = heap or os.environ.get("BROKER_TEST_NEO4J_HEAP", "1g")
         self._startup_timeout = startup_timeout
+        self._extra = _checked_settings(settings if settings is not None else _settings_from_env())
         self._build: Neo4jBuild | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -291,6 +316,7 @@ class Neo4jServer(Service):
                 "dbms.security.auth_enabled=true",
                 "server.memory.pagecache.size=128m",
                 "dbms.usage_report.enabled=false",
+                *(f"{name}={value}" for name, value in self._extra.items()),
                 "",
             ]
         )
