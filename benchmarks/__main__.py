@@ -1,6 +1,6 @@
 """``make bench``: every scenario side by side on one server, one table of ratios.
 
-Usage: ``python -m benchmarks [--quick] [--only overhead,celery,borrow,loops,memory]``.
+Usage: ``python -m benchmarks [--quick] [--only overhead,celery,...,rival]``.
 Writes ``benchmarks/results/latest.json`` and ``latest.csv`` too
 (``latest-neo4j.*`` when run on Neo4j: ``BROKER_TEST_SERVER=neo4j``, or
 ``make bench SERVER=neo4j``).
@@ -88,10 +88,10 @@ def main() -> None:
     started = time.monotonic()
     total = Result()
     try:
-        for name in chosen:
-            print(f"running {name} ...", end=" ", flush=True)
+        for scenario in chosen:
+            print(f"running {scenario} ...", end=" ", flush=True)
             began = time.monotonic()
-            part = SCENARIOS[name](server, args.quick)
+            part = SCENARIOS[scenario](server, args.quick)
             print(f"{time.monotonic() - began:.0f} s", flush=True)
             total.rows += part.rows
             total.checks += part.checks

@@ -780,6 +780,13 @@ def loop_safe(server: BoltServer, quick: bool) -> Result:
     return measure(server, quick)
 
 
+def rival(server: BoltServer, quick: bool) -> Result:
+    """Broker against one shared sync driver with ``to_thread``: see ``benchmarks.rival``."""
+    from benchmarks.rival import rival as measure
+
+    return measure(server, quick)
+
+
 SCENARIOS: dict[str, Callable[[BoltServer, bool], Result]] = {
     "overhead": overhead,
     "celery": celery_reuse,
@@ -787,4 +794,5 @@ SCENARIOS: dict[str, Callable[[BoltServer, bool], Result]] = {
     "loops": many_loops,
     "memory": memory,
     "loopsafe": loop_safe,
+    "rival": rival,
 }

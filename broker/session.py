@@ -77,6 +77,28 @@ class LoopSafeSession(neo4j.AsyncSession):
         if lease is not None and is_connection_error(exc):
             lease.broken = True
 
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the real session's ``method``, opening it first; note a connection error."""
+        inner = self._ls_inner or await self._open()
+        try:
+            return await getattr(inner, method)(*args, **kwargs)
+        except BaseException as exc:
+            self._saw(exc)
+            raise
+
+    async def _finish(self, method: str, *args: Any) -> None:
+        """End the real session (if opened) with ``method``; closed and share back either way."""
+        inner = self._ls_inner
+        try:
+            if inner is not None:
+                await getattr(inner, method)(*args)
+        except BaseException as exc:
+            self._saw(exc)
+            raise
+        finally:
+            self._ls_closed = True
+            self._end()
+
     # -- the session's own API ---------------------------------------------------
 
     async def __aenter__(self) -> Self:
@@ -91,29 +113,11 @@ class LoopSafeSession(neo4j.AsyncSession):
     ) -> None:
         if exc_value is not None:
             self._saw(exc_value)
-        inner = self._ls_inner
-        try:
-            if inner is not None:
-                await inner.__aexit__(exc_type, exc_value, traceback)  # type: ignore[no-untyped-call]
-        except BaseException as exc:
-            self._saw(exc)
-            raise
-        finally:
-            self._ls_closed = True
-            self._end()
+        await self._finish("__aexit__", exc_type, exc_value, traceback)
 
     async def close(self) -> None:
         """Close the session and give its share of the pooled driver back."""
-        inner = self._ls_inner
-        try:
-            if inner is not None:
-                await inner.close()
-        except BaseException as exc:
-            self._saw(exc)
-            raise
-        finally:
-            self._ls_closed = True
-            self._end()
+        await self._finish("close")
 
     def cancel(self) -> None:
         """Kill the work in flight (as ``AsyncSession.cancel``) and give the share back."""
@@ -126,40 +130,22 @@ class LoopSafeSession(neo4j.AsyncSession):
         return self._ls_closed
 
     async def run(self, query: Any, parameters: Any = None, **kwargs: Any) -> neo4j.AsyncResult:
-        inner = self._ls_inner or await self._open()
-        try:
-            return await inner.run(query, parameters, **kwargs)
-        except BaseException as exc:
-            self._saw(exc)
-            raise
+        result: neo4j.AsyncResult = await self._call("run", query, parameters, **kwargs)
+        return result
 
     async def last_bookmarks(self) -> neo4j.Bookmarks:
         inner = self._ls_inner or await self._open()
         return await inner.last_bookmarks()
 
     async def begin_transaction(self, *args: Any, **kwargs: Any) -> neo4j.AsyncTransaction:
-        inner = self._ls_inner or await self._open()
-        try:
-            return await inner.begin_transaction(*args, **kwargs)
-        except BaseException as exc:
-            self._saw(exc)
-            raise
+        transaction: neo4j.AsyncTransaction = await self._call("begin_transaction", *args, **kwargs)
+        return transaction
 
     async def execute_read(self, transaction_function: Any, *args: Any, **kwargs: Any) -> Any:
-        inner = self._ls_inner or await self._open()
-        try:
-            return await inner.execute_read(transaction_function, *args, **kwargs)
-        except BaseException as exc:
-            self._saw(exc)
-            raise
+        return await self._call("execute_read", transaction_function, *args, **kwargs)
 
     async def execute_write(self, transaction_function: Any, *args: Any, **kwargs: Any) -> Any:
-        inner = self._ls_inner or await self._open()
-        try:
-            return await inner.execute_write(transaction_function, *args, **kwargs)
-        except BaseException as exc:
-            self._saw(exc)
-            raise
+        return await self._call("execute_write", transaction_function, *args, **kwargs)
 
     def __del__(self, *_: Any) -> None:
         # Dropped without being closed: its share goes back in its own loop.

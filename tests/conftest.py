@@ -18,7 +18,7 @@ import structlog
 
 import broker
 from broker import default
-from broker.testing import server as server_module
+from broker.testing import child_server
 
 pytest_plugins = ["broker.testing.pytest_plugin"]
 
@@ -43,7 +43,7 @@ class SecretWatch(logging.Handler):
     @staticmethod
     def secrets() -> set[str]:
         found = {*PLANTED_SECRETS, HOSTILE_SECRET, *HOSTILE_PIECES}
-        found.update(s.password for s in list(server_module._live))
+        found.update(s.password for s in list(child_server._live))
         if os.environ.get("NEO4J_PASSWORD"):
             found.add(os.environ["NEO4J_PASSWORD"])
         return {s for s in found if len(s) >= 6}

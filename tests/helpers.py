@@ -12,8 +12,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from broker import Neo4jConnectionConfig
-from broker.testing import BoltServer
+from broker.testing import BoltServer, server_kind
+
+#: For ``pytestmark``: a slow test of what only a real Neo4j shows, skipped on other servers.
+neo4j_only = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        server_kind() != "neo4j",
+        reason="Neo4j-only behaviour: run with BROKER_TEST_SERVER=neo4j (make test-neo4j)",
+    ),
+]
 
 
 def bolt_port(server: BoltServer) -> int:

@@ -22,15 +22,10 @@ import pytest
 
 import broker
 from broker import Broker, Neo4jConnectionConfig
-from broker.testing import BoltServer, server_kind
+from broker.testing import BoltServer
+from tests.helpers import neo4j_only
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        server_kind() != "neo4j",
-        reason="Neo4j-only behaviour: run with BROKER_TEST_SERVER=neo4j (make test-neo4j)",
-    ),
-]
+pytestmark = neo4j_only
 
 
 def _admin(server: BoltServer, statement: str, **params: str) -> None:

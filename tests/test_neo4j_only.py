@@ -27,16 +27,11 @@ import neo4j.exceptions
 import pytest
 
 from broker import Broker, Neo4jConnectionConfig
-from broker.testing import BoltServer, Neo4jServer, server_kind
+from broker.testing import BoltServer, Neo4jServer
 from broker.testing.tls import TlsFront
+from tests.helpers import neo4j_only
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        server_kind() != "neo4j",
-        reason="Neo4j-only behaviour: run with BROKER_TEST_SERVER=neo4j (make test-neo4j)",
-    ),
-]
+pytestmark = neo4j_only
 
 
 def _neo4j(server: BoltServer) -> Neo4jServer:

@@ -54,6 +54,24 @@ def test_version_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_version("5.26.0; rm -rf /")
 
 
+def test_extra_settings_reach_neo4j_conf_as_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    keep_alive = "server.bolt.connection_keep_alive_for_requests"
+    monkeypatch.setenv("BROKER_TEST_NEO4J_SETTINGS", f" {keep_alive}=STREAMING ;")
+
+    def conf(server: Neo4jServer) -> list[str]:
+        server._port = 7687  # as if started: the file names the port
+        return server._settings().splitlines()
+
+    assert f"{keep_alive}=STREAMING" in conf(Neo4jServer())
+    given = conf(Neo4jServer(settings={keep_alive: "OFF"}))
+    assert f"{keep_alive}=OFF" in given and f"{keep_alive}=STREAMING" not in given
+    with pytest.raises(ValueError, match="plain Neo4j setting"):
+        Neo4jServer(settings={keep_alive: "ALL\ndbms.security.auth_enabled=false"})
+    monkeypatch.setenv("BROKER_TEST_NEO4J_SETTINGS", "no-equals-sign")
+    with pytest.raises(ValueError, match="name=value"):
+        Neo4jServer()
+
+
 def test_missing_java_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     before = _leftover_dirs()
     with pytest.raises(Neo4jBuildError, match=r"not an executable java; install a JDK"):

@@ -21,8 +21,8 @@ import pytest
 
 from broker.testing import EmbeddedServer, ExternalServer, Neo4jServer, server_from_env
 from broker.testing import server as server_module
+from broker.testing.child_server import _port_answers
 from broker.testing.pytest_plugin import select_server
-from broker.testing.server import _port_answers
 from broker.testing.sockets import open_connections
 from tests.helpers import eventually
 

@@ -16,24 +16,21 @@ process, as the project's suite does.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import re
-import secrets
-import shutil
-import signal
 import subprocess
-import tempfile
-import threading
 import time
-import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
+from broker.testing.child_server import (
+    ChildProcessServer,
+    ServerError,
+    _check_port_free,
+    _free_ports,
+)
 from broker.testing.neo4j_build import Neo4jBuild, ensure_build, resolve_version
-from broker.testing.server import ServerError, _check_port_free, _free_ports, _port_answers
-from broker.testing.service import Service
 
 if TYPE_CHECKING:
     import neo4j
@@ -41,28 +38,45 @@ if TYPE_CHECKING:
 __all__ = ["Neo4jServer"]
 
 _USER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{3,62}$")
-_live: weakref.WeakSet[Neo4jServer] = weakref.WeakSet()
+
+_SETTING_NAME = re.compile(r"^[a-z][a-z0-9_.]*$")
+_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]*$")
 
 
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_live):
-        with contextlib.suppress(Exception):
-            server.stop()
+def _settings_from_env() -> dict[str, str]:
+    raw = os.environ.get("BROKER_TEST_NEO4J_SETTINGS", "")
+    pairs = [item.split("=", 1) for item in raw.split(";") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError("BROKER_TEST_NEO4J_SETTINGS takes name=value pairs separated by ';'")
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
-class Neo4jServer(Service):
+def _checked_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    """Extra ``neo4j.conf`` settings, one plain line each (no newline, no escape)."""
+    for name, value in settings.items():
+        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
+            raise ValueError(f"not a plain Neo4j setting: {name!r}")
+    return dict(settings)
+
+
+class Neo4jServer(ChildProcessServer):
     """Neo4j Community with Bolt on 127.0.0.1, in a child JVM.
 
     ``version`` defaults to ``BROKER_TEST_NEO4J_VERSION``, else the 5.26 LTS;
     ``java`` defaults to ``$JAVA_HOME/bin/java``, else the one on PATH. A
     ``root`` directory given here is kept (with its password), a temporary
     one is removed by :meth:`stop`, or by the child if this process dies.
+    A kept directory is shut down cleanly by :meth:`stop` (``STOP``, SIGKILL
+    after 60 s); a temporary one is about to be removed, so its JVM is killed
+    at once. ``settings`` adds ``neo4j.conf`` lines (default:
+    ``BROKER_TEST_NEO4J_SETTINGS``, ``name=value`` pairs separated by ``;``),
+    e.g. to measure a server setting.
     """
 
-    supports_restart = True
     username = "neo4j"
     default_database = "neo4j"
+    _temp_prefix = "broker-neo4j-"
+    _stop_timeout = 60.0
 
     def __init__(
         self,
@@ -74,28 +88,24 @@ class Neo4jServer(Service):
         bolt_port: int | None = None,
         heap: str | None = None,
         startup_timeout: float = 180.0,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         if password is not None and len(password) < 8:
             raise ValueError("Neo4j's password must be at least 8 characters long")
         self.version = resolve_version(version)
+        super().__init__(
+            root=root,
+            password=password,
+            heap=heap or os.environ.get("BROKER_TEST_NEO4J_HEAP", "1g"),
+            startup_timeout=startup_timeout,
+        )
         self._java = java
-        self._owns_root = root is None
-        self._root = Path(root) if root is not None else None
-        self._password = password or secrets.token_urlsafe(18)
         self._fixed_port = bolt_port
         self._port: int | None = None
-        self._heap = heap or os.environ.get("BROKER_TEST_NEO4J_HEAP", "1g")
-        self._startup_timeout = startup_timeout
         self._build: Neo4jBuild | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._lock = threading.Lock()
+        self._extra = _checked_settings(settings if settings is not None else _settings_from_env())
 
     # -- what tests use -------------------------------------------------
-
-    @property
-    def uri(self) -> str:
-        return f"bolt://127.0.0.1:{self.bolt_port}"
 
     @property
     def routing_uri(self) -> str:
@@ -103,119 +113,10 @@ class Neo4jServer(Service):
         return f"neo4j://127.0.0.1:{self.bolt_port}"
 
     @property
-    def auth(self) -> tuple[str, str]:
-        return (self.username, self._password)
-
-    @property
-    def password(self) -> str:
-        return self._password
-
-    @property
     def bolt_port(self) -> int:
         if self._port is None:
             raise ServerError("the server has not been started")
         return self._port
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        where = self.uri if self._port else "no port yet"
-        return f"<Neo4jServer {self.version} {where} {state}>"
-
-    # -- lifecycle ------------------------------------------------------
-
-    def start(self) -> Self:
-        """Build Neo4j if needed, start it and return once Bolt answers."""
-        with self._lock:
-            if self.running:
-                raise ServerError("the server is already running")
-            self._build = ensure_build(self.version, java=self._java)
-            if self._fixed_port is not None:
-                _check_port_free(self._fixed_port)
-            if self._root is None:
-                self._root = Path(tempfile.mkdtemp(prefix="broker-neo4j-"))
-            else:
-                self._root.mkdir(parents=True, exist_ok=True)
-            _live.add(self)
-            attempts = 1 if self._fixed_port else 3
-            for attempt in range(attempts):
-                self._port = self._fixed_port or _free_ports(1)[0]
-                try:
-                    self._spawn()
-                    break
-                except ServerError:
-                    if attempt == attempts - 1:
-                        self._cleanup_files()
-                        _live.discard(self)
-                        raise
-        return self
-
-    def restart(self) -> Self:
-        """Start again on the same directory and port (after kill or stop)."""
-        if self._port is None or self._build is None:
-            raise ServerError("restart() needs a server that was started once")
-        deadline = time.monotonic() + self._startup_timeout
-        while True:
-            try:
-                with self._lock:
-                    if self.running:
-                        raise ServerError("the server is already running")
-                    _live.add(self)
-                    self._spawn()
-                return self
-            except ServerError:
-                # The old listener's port may take a moment to be released.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    def kill(self) -> None:
-        """SIGKILL the JVM; directory, password and port are kept."""
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self._close_pipes()
-            self._proc = None
-
-    def stop(self) -> None:
-        """Stop the JVM and remove a temporary directory.
-
-        A kept directory is shut down cleanly (STOP, SIGKILL after 60 s); a
-        temporary one is about to be removed, so its JVM is killed at once.
-        """
-        with self._lock:
-            proc = self._proc
-            if proc is not None:
-                if proc.stdin is not None and not self._owns_root:
-                    with contextlib.suppress(OSError):
-                        proc.stdin.write(b"STOP\n")
-                        proc.stdin.close()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=60)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                self._close_pipes()
-                self._proc = None
-            self._cleanup_files()
-            _live.discard(self)
 
     # -- databases and users --------------------------------------------
 
@@ -276,6 +177,30 @@ class Neo4jServer(Service):
 
     # -- internals ------------------------------------------------------
 
+    def _describe(self) -> str:
+        return f"Neo4jServer {self.version} {self.uri if self._port else 'no port yet'}"
+
+    def _name(self) -> str:
+        return f"Neo4j {self.version}"
+
+    def _prepare(self) -> None:
+        """Build Neo4j if needed (before any directory is made), check a fixed port."""
+        self._build = ensure_build(self.version, java=self._java)
+        if self._fixed_port is not None:
+            _check_port_free(self._fixed_port)
+
+    def _port_attempts(self) -> int:
+        return 1 if self._fixed_port else 3
+
+    def _choose_ports(self, attempt: int) -> None:
+        self._port = self._fixed_port or _free_ports(1)[0]
+
+    def _started_once(self) -> bool:
+        return self._port is not None and self._build is not None
+
+    def _stops_cleanly(self) -> bool:
+        return not self._owns_root
+
     def _settings(self) -> str:
         address = f"127.0.0.1:{self.bolt_port}"
         return "\n".join(
@@ -291,6 +216,7 @@ class Neo4jServer(Service):
                 "dbms.security.auth_enabled=true",
                 "server.memory.pagecache.size=128m",
                 "dbms.usage_report.enabled=false",
+                *(f"{name}={value}" for name, value in self._extra.items()),
                 "",
             ]
         )
@@ -318,72 +244,19 @@ class Neo4jServer(Service):
             # Removed by the child itself if this process dies without stop().
             str(root) if self._owns_root else "-",
         ]
-        log = open(root / "server.log", "ab")  # noqa: SIM115 - closed in _close_pipes
-        try:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-                start_new_session=True,
-            )
-        except BaseException:
-            log.close()
-            raise
-        self._proc, self._log = proc, log
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(self._password.encode() + b"\n")
-            proc.stdin.flush()
+        with self._child(command, self._password.encode(), cwd=root) as proc:
             self._wait_ready(proc, ready)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self._close_pipes()
-            self._proc = None
-            raise
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], ready: Path) -> None:
+        """Wait for the launcher's ready file, then for Bolt."""
         deadline = time.monotonic() + self._startup_timeout
         while not ready.exists():
             if proc.poll() is not None:
-                raise ServerError(
-                    f"Neo4j {self.version} exited with status {proc.returncode}; "
-                    f"its log ends with:\n{self._log_tail()}"
-                )
+                raise self._exited(proc)
             if time.monotonic() > deadline:
-                raise ServerError(
-                    f"Neo4j {self.version} did not start in {self._startup_timeout:.0f} s; "
-                    f"its log ends with:\n{self._log_tail()}"
-                )
+                raise self._too_slow()
             time.sleep(0.1)
-        while not _port_answers(self.bolt_port):
-            if time.monotonic() > deadline:
-                raise ServerError(f"Bolt port {self.bolt_port} does not answer")
-            time.sleep(0.05)
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.root / "server.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]).replace(self._password, "***")
-
-    def _close_pipes(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _cleanup_files(self) -> None:
-        if self._owns_root and self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
+        self._wait_bolt(deadline)
 
 
 def _user(name: str) -> str:

@@ -17,31 +17,26 @@ lists its options, ``--server neo4j`` runs a real Neo4j instead
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
-import contextlib
 import json
 import os
 import re
-import secrets
 import select
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import IO, Protocol, Self, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
-from broker.testing.service import Service
+from broker.testing.child_server import (
+    ChildProcessServer,
+    ServerError,
+    _check_port_free,
+    _free_ports,
+)
 
 __all__ = [
     "BoltServer",
@@ -52,10 +47,6 @@ __all__ = [
 ]
 
 _DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
-
-
-class ServerError(RuntimeError):
-    """The test server could not be started, reached or changed."""
 
 
 @runtime_checkable
@@ -107,20 +98,6 @@ def _fresh_db_name() -> str:
     return "t" + uuid.uuid4().hex[:16]
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel has just handed out on loopback, all distinct."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _check_port_number(name: str, port: int | None) -> int | None:
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
         raise ValueError(f"{name} must be an integer, got {type(port).__name__}")
@@ -129,33 +106,7 @@ def _check_port_number(name: str, port: int | None) -> int | None:
     return port
 
 
-def _check_port_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise ServerError(f"port {port} on 127.0.0.1 is not free: {exc.strerror}") from None
-
-
-def _port_answers(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-_live: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_live):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-class EmbeddedServer(Service):
+class EmbeddedServer(ChildProcessServer):
     """An ArcadeDB server with the Bolt plugin, in a child process.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -165,8 +116,8 @@ class EmbeddedServer(Service):
     ``root`` directory given here is kept, a temporary one is removed.
     """
 
-    supports_restart = True
     username = "root"
+    _temp_prefix = "broker-bolt-"
 
     def __init__(
         self,
@@ -187,31 +138,17 @@ class EmbeddedServer(Service):
             raise ValueError(f"bolt_port and http_port must differ, both are {bolt_port}")
         if password is not None and len(password) < 8:
             raise ValueError("the server's password must be at least 8 characters long")
-        self._owns_root = root is None
-        self._root = Path(root) if root is not None else None
-        self._password_given = password is not None
-        self._password = password or secrets.token_urlsafe(18)
+        super().__init__(
+            root=root,
+            password=password,
+            heap=heap or os.environ.get("BROKER_TEST_SERVER_HEAP", "512m"),
+            startup_timeout=startup_timeout,
+        )
         self._default_database = _check_db_name(default_database)
-        self._heap = heap or os.environ.get("BROKER_TEST_SERVER_HEAP", "512m")
-        self._startup_timeout = startup_timeout
         self._ports: tuple[int, int, int] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._lock = threading.Lock()
+        self._reused = False
 
     # -- what tests use -------------------------------------------------
-
-    @property
-    def uri(self) -> str:
-        return f"bolt://127.0.0.1:{self.bolt_port}"
-
-    @property
-    def auth(self) -> tuple[str, str]:
-        return (self.username, self._password)
-
-    @property
-    def password(self) -> str:
-        return self._password
 
     @property
     def default_database(self) -> str:
@@ -225,60 +162,12 @@ class EmbeddedServer(Service):
     def http_port(self) -> int:
         return self._require_ports()[1]
 
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        where = self.uri if self._ports else "no ports yet"
-        return f"<EmbeddedServer {where} {state}>"
-
     # -- lifecycle ------------------------------------------------------
 
     def start(self) -> Self:
         """Start the server and return once Bolt answers."""
-        with self._lock:
-            if self.running:
-                raise ServerError("the server is already running")
-            if self._ports is None:
-                for port in self._fixed_ports:
-                    if port is not None:
-                        _check_port_free(port)
-            if self._root is None:
-                self._root = Path(tempfile.mkdtemp(prefix="broker-bolt-"))
-            else:
-                self._root.mkdir(parents=True, exist_ok=True)
-            # A kept directory keeps the password it was first started with.
-            reused = (self._root / "server" / "config" / "server-users.jsonl").exists()
-            if reused and not self._password_given:
-                raise ServerError(
-                    f"{self._root} holds a server started before, with a password of its "
-                    "own: give that password"
-                )
-            _live.add(self)
-            attempts = 1 if self._ports or any(self._fixed_ports) else 3
-            for attempt in range(attempts):
-                if self._ports is None or attempt:
-                    self._ports = self._choose_ports()
-                try:
-                    self._spawn()
-                    break
-                except ServerError:
-                    if attempt == attempts - 1:
-                        self._cleanup_files()
-                        raise
-        if reused:
+        super().start()
+        if self._reused:
             try:
                 self._http_command(None)
             except ServerError:
@@ -288,59 +177,6 @@ class EmbeddedServer(Service):
                     "give that one"
                 ) from None
         return self
-
-    def restart(self) -> Self:
-        """Start again on the same directory and ports (after kill or stop)."""
-        if self._ports is None:
-            raise ServerError("restart() needs a server that was started once")
-        deadline = time.monotonic() + self._startup_timeout
-        while True:
-            try:
-                with self._lock:
-                    if self.running:
-                        raise ServerError("the server is already running")
-                    self._spawn()
-                return self
-            except ServerError:
-                # The old listener's port may take a moment to be released.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    def kill(self) -> None:
-        """SIGKILL the server process; directory and ports are kept."""
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self._close_pipes()
-            self._proc = None
-
-    def stop(self) -> None:
-        """Stop the server and remove its temporary directory."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None:
-                if proc.stdin is not None:
-                    with contextlib.suppress(OSError):
-                        proc.stdin.write(b"STOP\n")
-                        proc.stdin.close()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                # The JVM may have started helpers in its session.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                self._close_pipes()
-                self._proc = None
-            self._cleanup_files()
-            _live.discard(self)
 
     # -- databases ------------------------------------------------------
 
@@ -394,12 +230,40 @@ class EmbeddedServer(Service):
 
     # -- internals ------------------------------------------------------
 
-    def _choose_ports(self) -> tuple[int, int, int]:
-        bolt, http = self._fixed_ports
-        free = [p for p in _free_ports(3) if p not in self._fixed_ports]
-        bolt = bolt or free.pop()
-        http = http or free.pop()
-        return bolt, http, free.pop()
+    def _describe(self) -> str:
+        return f"EmbeddedServer {self.uri if self._ports else 'no ports yet'}"
+
+    def _name(self) -> str:
+        return "the embedded server"
+
+    def _prepare(self) -> None:
+        if self._ports is None:
+            for port in self._fixed_ports:
+                if port is not None:
+                    _check_port_free(port)
+        # A kept directory keeps the password it was first started with.
+        self._reused = self._root is not None and (
+            (self._root / "server" / "config" / "server-users.jsonl").exists()
+        )
+        if self._reused and not self._password_given:
+            raise ServerError(
+                f"{self._root} holds a server started before, with a password of its "
+                "own: give that password"
+            )
+
+    def _port_attempts(self) -> int:
+        return 1 if self._ports or any(self._fixed_ports) else 3
+
+    def _choose_ports(self, attempt: int) -> None:
+        if self._ports is None or attempt:
+            bolt, http = self._fixed_ports
+            free = [p for p in _free_ports(3) if p not in self._fixed_ports]
+            bolt = bolt or free.pop()
+            http = http or free.pop()
+            self._ports = (bolt, http, free.pop())
+
+    def _started_once(self) -> bool:
+        return self._ports is not None
 
     def _require_ports(self) -> tuple[int, int, int]:
         if self._ports is None:
@@ -421,83 +285,30 @@ class EmbeddedServer(Service):
             "cleanup_dir": str(root) if self._owns_root else None,
         }
         read_fd, write_fd = os.pipe()
-        log = open(root / "server.log", "ab")  # noqa: SIM115 - closed in _close_pipes
+        command = [sys.executable, "-m", "broker.testing._arcadedb", "--ready-fd", str(write_fd)]
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "broker.testing._arcadedb", "--ready-fd", str(write_fd)],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
-            log.close()
-            raise
-        os.close(write_fd)
-        self._proc, self._log = proc, log
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(settings).encode() + b"\n")
-            proc.stdin.flush()
-            self._wait_ready(read_fd, proc, bolt)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self._close_pipes()
-            self._proc = None
-            raise
+            first_line = json.dumps(settings).encode()
+            with self._child(command, first_line, handed_fds=(write_fd,)) as proc:
+                self._wait_ready(read_fd, proc)
         finally:
             os.close(read_fd)
 
-    def _wait_ready(self, read_fd: int, proc: subprocess.Popen[bytes], bolt: int) -> None:
+    def _wait_ready(self, read_fd: int, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for ``READY`` on the pipe the child was handed, then for Bolt."""
         deadline = time.monotonic() + self._startup_timeout
         buffer = b""
         while b"READY" not in buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerError(
-                    f"the embedded server did not start in {self._startup_timeout:.0f} s; "
-                    f"its log ends with:\n{self._log_tail()}"
-                )
+                raise self._too_slow()
             readable, _, _ = select.select([read_fd], [], [], min(left, 0.5))
             if readable:
                 chunk = os.read(read_fd, 64)
                 if not chunk:
                     proc.wait(timeout=5)
-                    raise ServerError(
-                        f"the embedded server exited with status {proc.returncode}; "
-                        f"its log ends with:\n{self._log_tail()}"
-                    )
+                    raise self._exited(proc)
                 buffer += chunk
-        while not _port_answers(bolt):
-            if time.monotonic() > deadline:
-                raise ServerError(f"Bolt port {bolt} does not answer")
-            time.sleep(0.05)
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.root / "server.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]).replace(self._password, "***")
-
-    def _close_pipes(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _cleanup_files(self) -> None:
-        if self._owns_root and self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
+        self._wait_bolt(deadline)
 
 
 class ExternalServer:
