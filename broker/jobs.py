@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -86,13 +87,26 @@ async def create(
             # No other local may hold the error as it propagates: its traceback
             # holds this frame, which holds the driver (and its sockets).
             raise
-        error = _login_failed(guard, exc, auth) if admitted is not None else exc
-        if isinstance(exc, TimeoutError):
-            error = _timed_out(config, phase, limit)
-        context = contextvars.copy_context()
-        return Created(None, error, context, started, 0.0, phase == "on_create", phase)
+        return _failed(config, guard, exc, auth, admitted, started, phase)
     pooled = PooledDriver(driver, time.monotonic(), generation, auth)
     return Created(pooled, None, contextvars.copy_context(), started, seconds)
+
+
+def _failed(
+    config: Neo4jConnectionConfig,
+    guard: AuthGuard,
+    exc: BaseException,
+    auth: object,
+    admitted: object,
+    started: float,
+    phase: str,
+) -> Created:
+    """The report of a creation that failed (not cancelled), the guard told."""
+    error = _login_failed(guard, exc, auth) if admitted is not None else exc
+    if isinstance(exc, TimeoutError):
+        error = _timed_out(config, phase, config.connection_acquisition_timeout)
+    context = contextvars.copy_context()
+    return Created(None, error, context, started, 0.0, phase == "on_create", phase)
 
 
 async def _drop(driver: AsyncDriver, exc: BaseException, linger: Linger | None) -> None:
@@ -185,13 +199,19 @@ async def _uncancelled(
     task = asyncio.ensure_future(io)
     bound = max(config.connection_timeout, config.connection_acquisition_timeout) + 1.0
     _running[driver] = (task, bound)
-    task.add_done_callback(lambda _: _forget(driver, task))
-    await asyncio.shield(task)
+    task.add_done_callback(functools.partial(_forget, weakref.ref(driver)))
+    try:
+        await asyncio.shield(task)
+    finally:
+        # This frame may outlive the call in an error's traceback: it must not
+        # keep the driver (and its sockets) or the task (and its error) alive.
+        del task, driver
 
 
-def _forget(driver: AsyncDriver, task: asyncio.Task[Any]) -> None:
-    if _running.get(driver, (None, 0.0))[0] is task:
-        del _running[driver]
+def _forget(driver: weakref.ref[AsyncDriver], task: asyncio.Task[Any]) -> None:
+    alive = driver()
+    if alive is not None and _running.get(alive, (None, 0.0))[0] is task:
+        del _running[alive]
 
 
 async def _settle(driver: AsyncDriver) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -286,6 +287,11 @@ def test_pops_while_four_loops_borrow_in_bursts_add_up_to_the_totals(
     b.close()
 
 
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="from 3.12 a cancelled task keeps its CancelledError, whose traceback holds the "
+    "driver's own frames: there the collector frees the driver whatever the broker does",
+)
 def test_a_creation_cut_short_by_the_loop_end_leaves_its_driver_to_no_one(
     bolt_config: broker.Neo4jConnectionConfig, bolt_server: Any
 ) -> None:
