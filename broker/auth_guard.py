@@ -41,13 +41,17 @@ def is_auth_failure(error: BaseException) -> bool:
 
 
 def fingerprint(auth: Any) -> str:
-    """Tells credentials apart without keeping or showing them."""
+    """Tells credentials apart without keeping or showing them.
+
+    Auth managers (one per driver) cannot be told apart: they count as the
+    same credentials, so a failure with one holds back the next one too.
+    """
     if isinstance(auth, tuple | neo4j.Auth):
         text = repr(
             auth if isinstance(auth, tuple) else (auth.scheme, auth.principal, auth.credentials)
         )
         return hashlib.sha256(text.encode()).hexdigest()
-    return f"object:{id(auth)}"
+    return f"manager:{type(auth).__qualname__}"
 
 
 class AuthGuard:
