@@ -16,11 +16,13 @@ process, as the project's suite does.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +37,7 @@ from broker.testing.neo4j_build import Neo4jBuild, ensure_build, resolve_version
 if TYPE_CHECKING:
     import neo4j
 
-__all__ = ["Neo4jServer"]
+__all__ = ["Neo4jServer", "quiet_driver_log"]
 
 _USER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{3,62}$")
 
@@ -170,7 +172,7 @@ class Neo4jServer(ChildProcessServer):
         import neo4j.exceptions
 
         try:
-            with self._driver() as driver:
+            with quiet_driver_log(), self._driver() as driver:
                 driver.execute_query(query, params, database_="system")
         except neo4j.exceptions.Neo4jError as exc:
             raise ServerError(f"Neo4j refused a user command: {exc.code}") from None
@@ -265,3 +267,16 @@ def _user(name: str) -> str:
             f"user name {name!r} must start with a letter and hold 4 to 63 letters, digits or '_'"
         )
     return name
+
+
+@contextlib.contextmanager
+def quiet_driver_log() -> Iterator[None]:
+    """No debug line from the neo4j driver meanwhile: it logs a query's
+    parameters, and a user command's parameters hold a password."""
+    logger = logging.getLogger("neo4j")
+    level = logger.level
+    logger.setLevel(max(level, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
