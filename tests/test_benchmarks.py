@@ -17,8 +17,10 @@ def test_scenario_runs_its_work(name: str, bolt_server: BoltServer) -> None:
     for row in result.rows:
         assert row.work > 0, row
         assert row.value == row.value, row  # not NaN
-        # RSS differences may come out below zero (the allocator gives memory back).
-        assert row.value >= 0 or "RSS" in row.case, row
+        # RSS differences may come out below zero (the allocator gives memory back),
+        # and so may the heap of a few idle pools, the difference of two runs of
+        # 8 loops each when garbage of the first run is freed during the second.
+        assert row.value >= 0 or "RSS" in row.case or "idle pools" in row.case, row
     timed = [r for r in result.rows if r.unit.endswith("/s") or r.unit.startswith("µs")]
     assert all(r.value > 0 for r in timed)
     assert timed or name == "memory"
