@@ -41,8 +41,10 @@ def test_scenario_runs_its_work(name: str, bolt_server: BoltServer) -> None:
         assert networks == {"local", "TLS +1 ms"}
     if name == "memory":
         assert {r.drivers for r in result.rows if "broker without drivers" in r.case} == {0}
-        # Python's heap is measured exactly: a pool always costs something.
-        assert all(r.value > 0 for r in result.rows if r.case.endswith("heap"))
+        # Python's heap is measured exactly: a pool always costs something (the
+        # idle pools' figure apart, a difference of two runs: see above).
+        heap = [r for r in result.rows if r.case.endswith("heap") and "idle pools" not in r.case]
+        assert heap and all(r.value > 0 for r in heap)
     if name == "loops":
         by_unit = {r.case: r for r in result.rows}
         assert by_unit["loops left in the registry after gc"].value == 0
