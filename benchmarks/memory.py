@@ -1,9 +1,11 @@
 """What a loop's pool costs in memory, idle, and over 1,000 live loops.
 
-Python's heap is measured exactly with tracemalloc, in a pass of its own;
-RSS, which also holds what C code and the allocator keep, in another pass
-without tracemalloc (which costs memory itself). Each figure is a difference
-against the same work without the broker, so what is left is the broker's.
+Python's heap is measured exactly with tracemalloc, in a pass of its own:
+what the loops allocated and still hold, so that garbage of an earlier
+measurement freed meanwhile is not subtracted. RSS, which also holds what C
+code and the allocator keep, in another pass without tracemalloc (which
+costs memory itself). Each figure is a difference against the same work
+without the broker, so what is left is the broker's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from broker.testing import BoltServer
 TARGET_KIB = 50
 
 
+def _heap_from_here() -> int:
+    """Forget what was allocated so far: from here on, only new blocks count."""
+    gc.collect()
+    tracemalloc.clear_traces()
+    return 0
+
+
 def _heap() -> int:
+    """Bytes allocated since :func:`_heap_from_here` and still held."""
     gc.collect()
     return tracemalloc.get_traced_memory()[0]
 
@@ -67,7 +77,7 @@ def _measure(
 ) -> float:
     """Bytes (heap) or KiB (RSS) that ``count`` live loops hold, per loop."""
     gc.collect()
-    before = _heap() if heap else _rss_kib()
+    before = _heap_from_here() if heap else _rss_kib()
     end = _live_loops(count, threads, start)
     gc.collect()
     after = _heap() if heap else _rss_kib()
