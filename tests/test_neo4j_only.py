@@ -20,6 +20,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import neo4j
@@ -32,6 +33,15 @@ from broker.testing.tls import TlsFront
 from tests.helpers import neo4j_only
 
 pytestmark = neo4j_only
+
+
+def _on_threads(work: Callable[..., None], calls: list[tuple[Any, ...]], timeout: float) -> None:
+    """Run ``work(*args)`` on a thread of its own for each ``args``; wait for all."""
+    threads = [threading.Thread(target=work, args=args) for args in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 def _neo4j(server: BoltServer) -> Neo4jServer:
@@ -95,11 +105,7 @@ async def test_neo4j_scheme_routes_through_the_broker(
     b = Broker(bolt_config.replace(uri=server.routing_uri, pool_min_size=0))
     results: list[tuple[str, int]] = []
     try:
-        threads = [threading.Thread(target=_routed_query, args=(b, results)) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _on_threads(_routed_query, [(b, results)] * 3, timeout=60)
     finally:
         await b.aclose(timeout=5)
     # Each answer came from the address in the server's routing table.
@@ -191,14 +197,7 @@ async def test_deadlock_is_retried_by_the_driver_through_the_broker(
         asyncio.run(_write_pair(b, writes, task, keys, meet))
 
     try:
-        threads = [
-            threading.Thread(target=one, args=("left", ("a", "b"))),
-            threading.Thread(target=one, args=("right", ("b", "a"))),
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
+        _on_threads(one, [("left", ("a", "b")), ("right", ("b", "a"))], timeout=90)
     finally:
         await b.aclose(timeout=5)
     assert sorted(writes.committed) == ["left", "right"]
@@ -222,11 +221,7 @@ async def test_concurrent_merge_lands_every_write_exactly_once(
             _in_own_loop(b, writes, jobs)
 
     try:
-        threads = [threading.Thread(target=thread_main, args=(t,)) for t in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        _on_threads(thread_main, [(t,) for t in range(3)], timeout=180)
     finally:
         await b.aclose(timeout=5)
     tasks = sorted(f"{t}-{lo}-{i}" for t in range(3) for lo in range(2) for i in range(8))

@@ -129,12 +129,16 @@ def test_password_never_in_repr_or_argv() -> None:
         assert server.password not in argv
 
 
-def test_parent_killed_leaves_nothing_behind() -> None:
+def kill_parent_of(server_class: str, *, whole_group: bool, grace: float) -> tuple[int, Path]:
+    """Start ``server_class`` in a child Python and SIGKILL that child (with its
+    whole process group if ``whole_group``); wait up to ``grace`` seconds for
+    the server process and its temporary directory to go. Returns both.
+    """
     script = textwrap.dedent(
-        """
-        import sys, time
-        from broker.testing import EmbeddedServer
-        server = EmbeddedServer().start()
+        f"""
+        import time
+        from broker.testing import {server_class}
+        server = {server_class}().start()
         print(server.pid, server.root, flush=True)
         time.sleep(600)
         """
@@ -145,20 +149,28 @@ def test_parent_killed_leaves_nothing_behind() -> None:
             env=env,
             stdout=subprocess.PIPE,
             text=True,
-            start_new_session=True,
+            start_new_session=whole_group,
         )
         try:
             assert parent.stdout is not None
-            child_pid, root = parent.stdout.readline().split()
+            pid, root = parent.stdout.readline().split()
             assert Path(root).exists()
         finally:
-            os.killpg(parent.pid, signal.SIGKILL)
+            if whole_group:
+                os.killpg(parent.pid, signal.SIGKILL)
+            else:
+                parent.kill()
             parent.wait()
-        deadline = time.monotonic() + 30
-        while (_pid_alive(int(child_pid)) or Path(root).exists()) and time.monotonic() < deadline:
+        deadline = time.monotonic() + grace
+        while (_pid_alive(int(pid)) or Path(root).exists()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _pid_alive(int(child_pid)), "the server process outlived its parent"
-        assert not Path(root).exists(), "the temporary directory outlived its parent"
+    return int(pid), Path(root)
+
+
+def test_parent_killed_leaves_nothing_behind() -> None:
+    child_pid, root = kill_parent_of("EmbeddedServer", whole_group=True, grace=30)
+    assert not _pid_alive(child_pid), "the server process outlived its parent"
+    assert not root.exists(), "the temporary directory outlived its parent"
 
 
 def test_neo4j_uri_switch(monkeypatch: pytest.MonkeyPatch) -> None:

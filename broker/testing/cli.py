@@ -109,21 +109,10 @@ def _port_arg(text: str) -> int:
 
 
 def _server(options: argparse.Namespace) -> LocalServer:
+    where = {"root": options.data_dir, "password": options.password, "bolt_port": options.bolt_port}
     if options.server == "neo4j":
-        return Neo4jServer(
-            version=options.neo4j_version,
-            java=options.java,
-            root=options.data_dir,
-            password=options.password,
-            bolt_port=options.bolt_port,
-        )
-    return EmbeddedServer(
-        root=options.data_dir,
-        password=options.password,
-        default_database=options.database,
-        bolt_port=options.bolt_port,
-        http_port=options.http_port,
-    )
+        return Neo4jServer(version=options.neo4j_version, java=options.java, **where)
+    return EmbeddedServer(default_database=options.database, http_port=options.http_port, **where)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
