@@ -16,6 +16,7 @@ from typing import Any, Protocol, Self
 
 import neo4j
 
+from broker import log
 from broker.lending import Lease, give, is_connection_error
 
 
@@ -148,13 +149,41 @@ class LoopSafeSession(neo4j.AsyncSession):
         return await self._call("execute_write", transaction_function, *args, **kwargs)
 
     def __del__(self, *_: Any) -> None:
-        # Dropped without being closed: its share goes back in its own loop.
-        lease, loop = self._ls_lease, self._ls_loop
+        # Dropped without being closed: in its own loop, the real session is
+        # closed (a result left streaming or a transaction left open would
+        # keep a connection of the shared driver) and the share goes back.
+        lease, loop, inner = self._ls_lease, self._ls_loop, self._ls_inner
         if lease is None or loop is None:
             return
-        self._ls_lease = None
+        self._ls_lease = self._ls_inner = None
         try:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(give, lease)
+                loop.call_soon_threadsafe(_close_dropped, inner, lease)
         except Exception:  # noqa: S110 - nothing may escape a finalizer
             pass
+
+
+#: Closings of dropped sessions, held until they end (a loop holds tasks weakly).
+_dropped: set[asyncio.Task[None]] = set()
+
+
+def _close_dropped(inner: neo4j.AsyncSession | None, lease: Lease) -> None:
+    if log.enabled(log.WARNING):
+        log.emit(log.WARNING, "session.dropped_unclosed", hint="close sessions, or use async with")
+    task = asyncio.get_running_loop().create_task(_close_then_give(inner, lease))
+    _dropped.add(task)
+    task.add_done_callback(_dropped.discard)
+
+
+async def _close_then_give(inner: neo4j.AsyncSession | None, lease: Lease) -> None:
+    try:
+        if inner is not None:
+            async with asyncio.timeout(lease.broker.config.close_timeout):
+                await inner.close()
+    except Exception:
+        lease.broken = True  # its connection's state is unknown: checked on return
+    except BaseException:
+        lease.broken = True
+        raise
+    finally:
+        give(lease)

@@ -8,6 +8,7 @@ attribute and opens ``session(database=...)`` in each method.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import uuid
 from typing import Any
@@ -138,6 +139,34 @@ async def test_a_connection_error_has_the_driver_checked(make_broker: Any) -> No
     await asyncio.sleep(0)
     (entry,) = (await b.stats()).values()
     assert entry["returns_bad"] == 1
+
+
+async def test_a_session_dropped_mid_result_is_closed_in_its_loop(
+    make_broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its real session is closed, so the pooled driver's one connection is free again."""
+    b = make_broker(
+        pool_min_size=0,
+        pool_max_size=1,
+        max_connection_pool_size=1,
+        connection_acquisition_timeout=2.0,
+    )
+    driver = b.driver()
+    session = driver.session()
+    result = await session.run("UNWIND range(1, 20000) AS n RETURN n")
+    assert len(await result.fetch(1)) == 1  # the rest is still on its way
+    del session, result
+    gc.collect()
+    for _ in range(100):
+        if await in_use(b) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await in_use(b) == 0
+    # The same pooled driver (the pool holds one), with its only connection.
+    records, _, _ = await driver.execute_query("RETURN 1 AS one")
+    assert records[0]["one"] == 1
+    assert b.totals()["created"] == 1
+    assert "session.dropped_unclosed" in caplog.text, "the owner's bug is named"
 
 
 # -- many loops at once ---------------------------------------------------------------
