@@ -8,6 +8,7 @@ closes the old one, each of its pools in its own loop.
 from __future__ import annotations
 
 import threading
+import weakref
 
 from broker import runner
 from broker.broker import Broker
@@ -23,6 +24,7 @@ __all__ = [
     "check",
     "close",
     "close_process_pools",
+    "close_with_process",
     "configure",
     "current",
     "drain",
@@ -39,6 +41,8 @@ __all__ = [
 
 _lock = threading.Lock()
 _default: Broker | None = None
+# Brokers made beside the default one that close with the process's pools.
+_others: weakref.WeakSet[Broker] = weakref.WeakSet()
 
 _DEFAULT_CLOSED = "broker.configure(...) makes a new default broker"
 _REPLACED = "it was replaced by broker.configure(); broker.borrow() uses the new default broker"
@@ -160,17 +164,29 @@ def close(timeout: float | None = None) -> None:
         current.close(timeout)
 
 
+def close_with_process(made: Broker) -> None:
+    """Have :func:`close_process_pools` close ``made`` too (a broker of ``patch_neo4j``)."""
+    with _lock:
+        _others.add(made)
+
+
 def close_process_pools(timeout: float | None = None) -> Broker | None:
     """Close every pool of this process, each in its own loop; return the default broker.
 
     The loops made by :func:`broker.run` end first, after their pools closed
     their drivers; then the default broker's other pools are closed, and
-    those of running loops waited for. Call it from a thread without a
-    running loop (a worker's shutdown hook).
+    those of running loops waited for, and the same for the brokers given
+    to :func:`close_with_process`. Call it from a thread without a running
+    loop (a worker's shutdown hook).
     """
     current = _default
     if timeout is None:
         timeout = current.config.close_timeout if current is not None else 10.0
     runner.shutdown(timeout)
     close(timeout)
+    with _lock:
+        others = list(_others)
+        _others.clear()
+    for other in others:
+        other.close(timeout)
     return current

@@ -5,7 +5,8 @@ cannot be changed. While the patch is on, each call returns a new
 :class:`~broker.loopsafe.LoopSafeDriver`, served by the pools of one broker per
 distinct set of settings in the process: the default broker when the
 settings match its configuration, otherwise a broker made for them once and
-reused by every later call with the same settings. Closing such a driver
+reused by every later call with the same settings (and closed, like the
+default one, by ``broker.celery.close_pools()``). Closing such a driver
 ends that stand-in only, so a class that makes and closes its driver per
 task opens no new connection per task on a persistent loop.
 
@@ -187,4 +188,5 @@ def _broker_for(config: Neo4jConnectionConfig, extra: Any, current: Broker) -> B
         made = Broker(config)
         _brokers[:] = [entry for entry in _brokers if not entry[2].closed]
         _brokers.append((config, extra, made))
-        return made
+    default.close_with_process(made)  # a worker's shutdown closes it too
+    return made

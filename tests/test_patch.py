@@ -7,6 +7,8 @@ method and closes the driver in ``finalize()``.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -138,6 +140,33 @@ def test_a_store_made_and_closed_per_task_costs_no_new_connection(
     assert values == list(range(20))
     assert totals["created"] == 1
     assert totals["borrows"] == 20
+
+
+def test_close_pools_closes_the_brokers_made_for_other_settings(
+    bolt_config: broker.Neo4jConnectionConfig, patched: patch.PatchHandle
+) -> None:
+    """A worker's shutdown closes them too, in loops that still run (not broker.run's)."""
+    broker.configure(bolt_config.replace(pool_min_size=0))
+    auth = (bolt_config.username, bolt_config.password)
+    tuned = neo4j.AsyncGraphDatabase.driver(bolt_config.uri, auth=auth, user_agent="store/2.0")
+    assert isinstance(tuned, LoopSafeDriver)
+    own = tuned._source()
+    assert own is not broker.get_broker()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        query = tuned.execute_query("RETURN 1 AS one")
+        records, _, _ = asyncio.run_coroutine_threadsafe(query, loop).result(30)
+        assert records[0]["one"] == 1
+        assert own.totals()["created"] == 1
+        broker.celery.close_pools(timeout=5)
+        assert own.closed
+        assert own.totals()["closed"] == 1, "its driver was closed, in its own loop"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 # -- a real celery worker -P threads -c 4 -----------------------------------------------
