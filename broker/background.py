@@ -13,7 +13,17 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["Background"]
+__all__ = ["Background", "detach"]
+
+# Tasks started by :func:`detach`, held until they end.
+_held: set[asyncio.Task[Any]] = set()
+
+
+def detach(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in the running loop as a task that reports to nobody, held until it ends."""
+    task = asyncio.get_running_loop().create_task(work)
+    _held.add(task)
+    task.add_done_callback(_held.discard)
 
 
 class Background:

@@ -34,6 +34,7 @@ from neo4j import AsyncDriver
 
 from broker import default, log
 from broker.asyncio_internals import running_loop
+from broker.background import detach
 from broker.broker import Broker
 from broker.config import Neo4jConnectionConfig
 from broker.connection import Connection
@@ -400,8 +401,6 @@ class Neo4jConnectionFactory:
 
 # -- worker hooks (Celery's worker_process_init / worker_process_shutdown) ------------
 
-_cleanups: set[asyncio.Task[None]] = set()
-
 
 def setup_worker_neo4j_config(**kwargs: Any) -> None:
     """Worker start: the default broker, configured from ``NEO4J_*``. Connects nothing."""
@@ -424,9 +423,7 @@ def cleanup_worker_neo4j_config(**kwargs: Any) -> None:
     """
     loop = running_loop()
     if loop is not None:
-        task = loop.create_task(cleanup_worker_neo4j_config_async(**kwargs))
-        _cleanups.add(task)
-        task.add_done_callback(_cleanups.discard)
+        detach(cleanup_worker_neo4j_config_async(**kwargs))
         return
     current = default.close_process_pools()
     totals = current.totals() if current is not None else {}

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Self
 import neo4j
 
 from broker import log
+from broker.background import detach
 from broker.lending import Lease, give, is_connection_error
 
 
@@ -163,16 +164,10 @@ class LoopSafeSession(neo4j.AsyncSession):
             pass
 
 
-#: Closings of dropped sessions, held until they end (a loop holds tasks weakly).
-_dropped: set[asyncio.Task[None]] = set()
-
-
 def _close_dropped(inner: neo4j.AsyncSession | None, lease: Lease) -> None:
     if log.enabled(log.WARNING):
         log.emit(log.WARNING, "session.dropped_unclosed", hint="close sessions, or use async with")
-    task = asyncio.get_running_loop().create_task(_close_then_give(inner, lease))
-    _dropped.add(task)
-    task.add_done_callback(_dropped.discard)
+    detach(_close_then_give(inner, lease))
 
 
 async def _close_then_give(inner: neo4j.AsyncSession | None, lease: Lease) -> None:
@@ -180,10 +175,9 @@ async def _close_then_give(inner: neo4j.AsyncSession | None, lease: Lease) -> No
         if inner is not None:
             async with asyncio.timeout(lease.broker.config.close_timeout):
                 await inner.close()
-    except Exception:
+    except BaseException as exc:
         lease.broken = True  # its connection's state is unknown: checked on return
-    except BaseException:
-        lease.broken = True
-        raise
+        if not isinstance(exc, Exception):
+            raise
     finally:
         give(lease)
