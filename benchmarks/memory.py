@@ -27,16 +27,12 @@ from broker.testing import BoltServer
 TARGET_KIB = 50
 
 
-def _heap_from_here() -> int:
-    """Forget what was allocated so far: from here on, only new blocks count."""
+def _heap(fresh: bool = False) -> int:
+    """Bytes of Python's heap held now; with ``fresh``, forget every block
+    allocated so far first, so that only blocks allocated from here count."""
     gc.collect()
-    tracemalloc.clear_traces()
-    return 0
-
-
-def _heap() -> int:
-    """Bytes allocated since :func:`_heap_from_here` and still held."""
-    gc.collect()
+    if fresh:
+        tracemalloc.clear_traces()
     return tracemalloc.get_traced_memory()[0]
 
 
@@ -77,7 +73,7 @@ def _measure(
 ) -> float:
     """Bytes (heap) or KiB (RSS) that ``count`` live loops hold, per loop."""
     gc.collect()
-    before = _heap_from_here() if heap else _rss_kib()
+    before = _heap(fresh=True) if heap else _rss_kib()
     end = _live_loops(count, threads, start)
     gc.collect()
     after = _heap() if heap else _rss_kib()
