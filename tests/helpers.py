@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from broker import Neo4jConnectionConfig
-from broker.testing import BoltServer, server_kind
+from broker.testing import BoltServer, Neo4jServer, server_kind
 
 #: For ``pytestmark``: a slow test of what only a real Neo4j shows, skipped on other servers.
 neo4j_only = [
@@ -25,6 +25,12 @@ neo4j_only = [
         reason="Neo4j-only behaviour: run with BROKER_TEST_SERVER=neo4j (make test-neo4j)",
     ),
 ]
+
+
+def as_neo4j(server: BoltServer) -> Neo4jServer:
+    """The suite's server as the Neo4j it is in a ``neo4j_only`` test."""
+    assert isinstance(server, Neo4jServer), f"a Neo4j-only test got {server!r}"
+    return server
 
 
 def bolt_port(server: BoltServer) -> int:

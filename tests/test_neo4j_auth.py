@@ -24,14 +24,9 @@ import broker
 from broker import Broker, Neo4jConnectionConfig
 from broker.testing import BoltServer
 from broker.testing.neo4j_server import quiet_driver_log
-from tests.helpers import neo4j_only
+from tests.helpers import as_neo4j, neo4j_only
 
 pytestmark = neo4j_only
-
-
-def _admin(server: BoltServer, statement: str, **params: str) -> None:
-    with quiet_driver_log(), neo4j.GraphDatabase.driver(server.uri, auth=server.auth) as driver:
-        driver.execute_query(statement, params, database_="system")
 
 
 @pytest.fixture
@@ -39,15 +34,12 @@ def user(bolt_server: BoltServer) -> Iterator[tuple[str, str]]:
     """A user of the test's own, with a fresh password; dropped afterwards."""
     name = "u" + secrets.token_hex(6)
     password = "pw-" + secrets.token_urlsafe(12)
-    _admin(
-        bolt_server,
-        f"CREATE USER {name} SET PASSWORD $pw CHANGE NOT REQUIRED",
-        pw=password,
-    )
+    server = as_neo4j(bolt_server)
+    server.create_user(name, password)
     try:
         yield name, password
     finally:
-        _admin(bolt_server, f"DROP USER {name} IF EXISTS")
+        server.drop_user(name)
 
 
 def _login(server: BoltServer, name: str, password: str) -> bool:

@@ -28,9 +28,9 @@ import neo4j.exceptions
 import pytest
 
 from broker import Broker, Neo4jConnectionConfig
-from broker.testing import BoltServer, Neo4jServer
+from broker.testing import BoltServer
 from broker.testing.tls import TlsFront
-from tests.helpers import neo4j_only
+from tests.helpers import as_neo4j, neo4j_only
 
 pytestmark = neo4j_only
 
@@ -44,11 +44,6 @@ def _on_threads(work: Callable[..., None], calls: list[tuple[Any, ...]], timeout
         t.join(timeout)
 
 
-def _neo4j(server: BoltServer) -> Neo4jServer:
-    assert isinstance(server, Neo4jServer)
-    return server
-
-
 def _count(server: BoltServer, query: str, **params: Any) -> int:
     with neo4j.GraphDatabase.driver(server.uri, auth=server.auth) as driver:
         records, _, _ = driver.execute_query(query, params)
@@ -58,7 +53,7 @@ def _count(server: BoltServer, query: str, **params: Any) -> int:
 async def test_community_has_one_database_and_prepare_indexes_it(
     bolt_server: BoltServer, make_broker: Any
 ) -> None:
-    server = _neo4j(bolt_server)
+    server = as_neo4j(bolt_server)
     with neo4j.GraphDatabase.driver(server.uri, auth=server.auth) as driver:
         records, _, _ = driver.execute_query("SHOW DATABASES YIELD name", database_="system")
         assert sorted(r["name"] for r in records) == ["neo4j", "system"]
@@ -101,7 +96,7 @@ def _routed_query(b: Broker, results: list[tuple[str, int]]) -> None:
 async def test_neo4j_scheme_routes_through_the_broker(
     bolt_server: BoltServer, bolt_config: Neo4jConnectionConfig
 ) -> None:
-    server = _neo4j(bolt_server)
+    server = as_neo4j(bolt_server)
     b = Broker(bolt_config.replace(uri=server.routing_uri, pool_min_size=0))
     results: list[tuple[str, int]] = []
     try:
@@ -236,7 +231,7 @@ async def test_concurrent_merge_lands_every_write_exactly_once(
 
 
 async def test_acknowledged_writes_survive_kill_and_restart(restartable_server: Any) -> None:
-    server = _neo4j(restartable_server)
+    server = as_neo4j(restartable_server)
     config = Neo4jConnectionConfig(
         uri=server.uri, username=server.auth[0], password=server.auth[1]
     ).replace(borrow_timeout=2.0, connection_timeout=1.0, max_transaction_retry_time=1.0)
@@ -289,8 +284,8 @@ async def test_acknowledged_writes_survive_kill_and_restart(restartable_server: 
 
 
 @pytest.mark.parametrize("scheme", ["bolt+ssc", "neo4j+ssc"])
-async def test_tls_front_to_neo4j(bolt_server: BoltServer, scheme: str) -> None:
-    server = _neo4j(bolt_server)
+async def test_tls_front_toas_neo4j(bolt_server: BoltServer, scheme: str) -> None:
+    server = as_neo4j(bolt_server)
     with TlsFront.for_uri(server.uri) as front:
         config = Neo4jConnectionConfig(
             uri=front.uri(scheme),
